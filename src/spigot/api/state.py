@@ -1,0 +1,147 @@
+"""What every route needs: the served engines, request parsing, limits and bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from spigot.api.validation import validation_error
+from spigot.engine.async_engine import AsyncEngine
+from spigot.engine.types import Usage
+from spigot.errors import ContextLengthExceeded, InvalidRequest, ModelNotFoundError
+from spigot.models import ModelNotFound, ModelRouter
+
+log = logging.getLogger("spigot.requests")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One API request, however it ended: what metering will consume."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    streamed: bool
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    status: str = "ok"  # ok | disconnected | error
+
+    def add_usage(self, usage: Usage | None) -> None:
+        if usage is not None:
+            self.completion_tokens += usage.completion_tokens
+            self.cached_tokens += usage.cached_tokens
+
+    def mark_first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+
+
+UsageObserver = Callable[[RequestRecord], None]
+
+
+def log_record(record: RequestRecord) -> None:
+    ttft = (
+        f"{(record.first_token_at - record.started) * 1000:.0f}ms"
+        if record.first_token_at is not None
+        else "-"
+    )
+    log.info(
+        "%s %s model=%s stream=%s prompt=%d completion=%d ttft=%s total=%.0fms finish=%s status=%s",
+        record.request_id,
+        record.endpoint,
+        record.model,
+        record.streamed,
+        record.prompt_tokens,
+        record.completion_tokens,
+        ttft,
+        (time.monotonic() - record.started) * 1000,
+        ",".join(record.finish_reasons) or "-",
+        record.status,
+    )
+
+
+@dataclass
+class ServerState:
+    engines: dict[str, AsyncEngine]
+    router: ModelRouter
+    observers: list[UsageObserver] = field(default_factory=lambda: [log_record])
+
+    def engine_for(self, name: str) -> AsyncEngine:
+        try:
+            return self.engines[self.router.resolve(name)]
+        except ModelNotFound as exc:
+            raise ModelNotFoundError(str(exc), param="model") from None
+
+    def finish(self, record: RequestRecord) -> None:
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:
+                log.exception("usage observer failed for %s", record.request_id)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def resolve_max_tokens(
+    engine: AsyncEngine, prompt_tokens: int, requested: int | None, *, param: str
+) -> int:
+    """The output cap, or 400 when the prompt and the requested output cannot fit."""
+    limit = engine.max_context
+    if requested is None:
+        if prompt_tokens >= limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"{param} resulted in {prompt_tokens} tokens. Please reduce the length of the "
+                f"{param}.",
+                param=param,
+            )
+        return limit - prompt_tokens
+    if prompt_tokens + requested > limit:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the {param}, {requested} "
+            f"in the completion). Please reduce the length of the {param} or completion.",
+            param=param,
+        )
+    return requested
+
+
+def check_choices(engine: AsyncEngine, n: int) -> None:
+    if n > engine.capacity:
+        raise InvalidRequest(
+            f"'n' is {n}, but this server runs at most {engine.capacity} sequences at once.",
+            param="n",
+        )

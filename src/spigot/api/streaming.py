@@ -1,0 +1,162 @@
+"""The life of one generation request, shared by chat and legacy completions.
+
+A ``ChunkFormat`` knows one endpoint's wire shapes; everything else is here:
+the order of events, usage accounting, the in-band error event, and the
+``finally`` that aborts generation and records usage however the request
+ended (normal end, client disconnect, engine error).
+
+The place where an output filter (guardrails) will sit is ``outputs``: any
+async iterator transformer over ``GenOutput`` can wrap the engine stream
+before chunks are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from starlette.requests import Request
+
+from spigot.api.sse import DONE, data_event
+from spigot.api.state import RequestRecord, ServerState
+from spigot.engine.async_engine import RequestStream
+from spigot.engine.types import FinishReason, GenOutput
+from spigot.errors import EngineFailure, InvalidRequest
+
+
+class ChunkFormat(Protocol):
+    def opening(self, choice: int) -> dict[str, Any] | None:
+        """A chunk sent for each choice before any text, or None."""
+
+    def content(self, output: GenOutput) -> dict[str, Any]: ...
+
+    def finish(self, output: GenOutput) -> dict[str, Any]: ...
+
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def usage_body(record: RequestRecord) -> dict[str, Any]:
+    return {
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "total_tokens": record.prompt_tokens + record.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": record.cached_tokens},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def error_body(message: str) -> dict[str, Any]:
+    return EngineFailure(message).to_body()
+
+
+def _account(record: RequestRecord, output: GenOutput) -> None:
+    if output.text:
+        record.mark_first_token()
+    if output.finished:
+        record.add_usage(output.usage)
+        if output.finish_reason is not FinishReason.ERROR:
+            record.finish_reasons.append(output.finish_reason.value)
+
+
+async def stream_events(
+    *,
+    state: ServerState,
+    stream: RequestStream,
+    fmt: ChunkFormat,
+    record: RequestRecord,
+    choices: int,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    recorded = False
+    try:
+        for choice in range(choices):
+            opening = fmt.opening(choice)
+            if opening is not None:
+                yield data_event(opening)
+        async for output in stream:
+            _account(record, output)
+            if output.error is not None:
+                record.status = "error"
+                stream.abort()
+                yield data_event(error_body(output.error))
+                return
+            if output.text:
+                yield data_event(fmt.content(output))
+            if output.finished:
+                yield data_event(fmt.finish(output))
+        # Usage is recorded before the client can see [DONE]: a client that saw
+        # the end of the stream has always been accounted for.
+        state.finish(record)
+        recorded = True
+        if include_usage:
+            yield data_event(fmt.usage(usage_body(record)))
+        yield DONE
+    finally:
+        if not stream.finished:
+            stream.abort()
+            if record.status == "ok":
+                record.status = "disconnected"
+        if not recorded:
+            state.finish(record)
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(
+    *,
+    request: Request,
+    state: ServerState,
+    stream: RequestStream,
+    record: RequestRecord,
+    choices: int,
+) -> list[list[GenOutput]]:
+    """All outputs of a non-streamed request, per choice; aborts if the client leaves."""
+
+    async def gather() -> list[list[GenOutput]]:
+        per_choice: list[list[GenOutput]] = [[] for _ in range(choices)]
+        async for output in stream:
+            _account(record, output)
+            if output.error is not None:
+                record.status = "error"
+                raise EngineFailure(output.error)
+            per_choice[output.choice_index].append(output)
+        return per_choice
+
+    worker = asyncio.create_task(gather())
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({worker, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if worker.done():
+            return worker.result()
+        record.status = "disconnected"
+        raise ClientDisconnected
+    finally:
+        for task in (worker, watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if not stream.finished:
+            stream.abort()
+        state.finish(record)
+
+
+def finish_reason_of(outputs: list[GenOutput]) -> str:
+    reason = outputs[-1].finish_reason if outputs else None
+    if reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
+        raise InvalidRequest("generation ended without a finish reason")
+    return reason.value

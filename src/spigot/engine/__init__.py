@@ -1,0 +1,1 @@
+"""Generation engines: no HTTP, no pydantic."""

@@ -1,0 +1,193 @@
+"""The asyncio side of an engine: submit requests, iterate their outputs, abort them.
+
+This is the interface the API layer sees. The engine thread hands each
+step's outputs over in one ``call_soon_threadsafe``; they are sorted into the
+per-request streams on the event loop, so nothing here needs a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spigot.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
+from spigot.engine.core import EngineCore
+from spigot.engine.llamacpp import ContextOptions, LlamaCppModel
+from spigot.engine.scheduler import Scheduler, SchedulerConfig
+from spigot.engine.types import GenOutput, GenRequest
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine accepts; try again later."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    n_ctx: int = 8192
+    parallel: int = 8
+    max_queue: int = 64
+    threads: int = 2
+    batch_tokens: int = 512
+    prefill_chunk: int = 512
+
+
+class RequestStream:
+    """The outputs of one API request (all of its choices), in arrival order."""
+
+    def __init__(self, engine: AsyncEngine, request_ids: list[str]) -> None:
+        self._engine = engine
+        self._open = set(request_ids)
+        self._buffer: deque[GenOutput] = deque()
+        self._wakeup = asyncio.Event()
+
+    def _deliver(self, request_id: str, output: GenOutput) -> None:
+        self._buffer.append(output)
+        if output.finished:
+            self._open.discard(request_id)
+        self._wakeup.set()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> GenOutput:
+        while not self._buffer:
+            if not self._open:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._buffer.popleft()
+
+    @property
+    def finished(self) -> bool:
+        return not self._open and not self._buffer
+
+    def abort(self) -> None:
+        """Stop generating whatever is still running; safe to call more than once."""
+        for request_id in list(self._open):
+            self._engine.abort(request_id)
+        self._open.clear()
+
+
+class AsyncEngine:
+    """One served model: llama.cpp in an engine thread, bridged to asyncio."""
+
+    def __init__(self, model_id: str, path: Path, options: EngineOptions) -> None:
+        self.model_id = model_id
+        self.path = path
+        self.created = int(time.time())
+        self.options = options
+        self.model = LlamaCppModel(
+            path,
+            ContextOptions(
+                n_ctx=options.n_ctx,
+                n_seq_max=options.parallel,
+                n_batch=max(options.batch_tokens, options.parallel),
+                n_threads=options.threads,
+            ),
+        )
+        # Per sequence: our own limit, and the model's trained context.
+        self.max_context = min(self.model.n_ctx, self.model.n_ctx_train or self.model.n_ctx)
+        self.chat_template = ChatTemplate(
+            self.model.metadata("tokenizer.chat_template") or CHATML_TEMPLATE,
+            bos_token=self.model.token_text(self.model.bos_id) if self.model.bos_id >= 0 else "",
+            eos_token=self.model.token_text(self.model.eos_id) if self.model.eos_id >= 0 else "",
+        )
+        scheduler = Scheduler(
+            SchedulerConfig(
+                max_running=options.parallel,
+                kv_capacity=self.model.n_ctx,
+                max_step_tokens=max(options.batch_tokens, options.parallel),
+                prefill_chunk=options.prefill_chunk,
+            )
+        )
+        self.core = EngineCore(self.model, scheduler, self._emit_from_thread)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.core.start()
+
+    def stop(self) -> None:
+        self.core.stop()
+        self.model.close()
+
+    # -- prompts ---------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.n_vocab
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    def tokenize_chat(self, rendered: str) -> list[int]:
+        # The template already wrote any BOS and special markers as text.
+        return self.model.tokenize(rendered, add_special=False, parse_special=True)
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=True, parse_special=True)
+
+    def detokenize(self, token_ids: Seq[int]) -> str:
+        pieces = self.model.pieces
+        return b"".join(pieces[t] for t in token_ids).decode("utf-8", errors="replace")
+
+    # -- requests --------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"{self.model_id}-{next(self._ids)}"
+
+    @property
+    def capacity(self) -> int:
+        return self.options.parallel + self.options.max_queue
+
+    def submit(self, requests: list[GenRequest]) -> RequestStream:
+        """Queue sequences for generation; raises QueueFull before accepting any."""
+        if len(self._streams) + len(requests) > self.capacity:
+            raise QueueFull(
+                f"{len(self._streams)} sequences are running or queued; "
+                f"the limit is {self.capacity}"
+            )
+        stream = RequestStream(self, [r.request_id for r in requests])
+        for request in requests:
+            self._streams[request.request_id] = stream
+            self.core.add(request)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.core.abort(request_id)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.core.stats(), "in_flight": len(self._streams)}
+
+    # -- engine thread -> loop ---------------------------------------------------
+
+    def _emit_from_thread(self, outputs: list[tuple[str, GenOutput]]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed since the check
+            loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[tuple[str, GenOutput]]) -> None:
+        for request_id, output in outputs:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            if output.finished:
+                del self._streams[request_id]
+            stream._deliver(request_id, output)

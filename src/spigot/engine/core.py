@@ -1,0 +1,285 @@
+"""The engine thread: the one owner of llama.cpp.
+
+Each step it drains its inbox (new requests, aborts), asks the scheduler for
+one batch, decodes it, samples the sequences that completed, turns their
+tokens into text deltas, and hands all of the step's outputs to ``emit`` in
+one call. Admission and aborts take effect at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spigot.engine.llamacpp import LlamaCppModel, Sampler
+from spigot.engine.output import TextAssembler
+from spigot.engine.scheduler import Scheduler, Sequence, StepPlan
+from spigot.engine.types import FinishReason, GenOutput, GenRequest, TokenLogprob, Usage
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[list[tuple[str, GenOutput]]], None]
+
+
+@dataclass(slots=True)
+class _Runtime:
+    """Per-sequence state the scheduler does not need to know about."""
+
+    sampler: Sampler | None
+    text: TextAssembler
+    eog_suppressed: bool
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(self, model: LlamaCppModel, scheduler: Scheduler, emit: Emit) -> None:
+        self.model = model
+        self.scheduler = scheduler
+        self._emit = emit
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="spigot-engine", daemon=True)
+        self._stopping = False
+        self.steps = 0
+
+    # -- any thread --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, request: GenRequest) -> None:
+        self._inbox.put(("add", request))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        """A racy snapshot for /health and tests; good enough for monitoring."""
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_used": self.scheduler.kv_used(),
+            "steps": self.steps,
+        }
+
+    # -- engine thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox(block=not self.scheduler.has_work())
+                if self._stopping:
+                    break
+                if self.scheduler.has_work():
+                    self._step_safely()
+        finally:
+            self._fail_all("the server is shutting down")
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                kind, arg = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                assert isinstance(arg, GenRequest)
+                self.scheduler.add(Sequence.from_request(arg))
+            elif kind == "abort":
+                assert isinstance(arg, str)
+                seq = self.scheduler.abort(arg)
+                if seq is not None:
+                    self._release(seq)
+            elif kind == "stop":
+                self._stopping = True
+                return
+
+    def _step_safely(self) -> None:
+        try:
+            self._step()
+        except Exception:
+            log.exception("engine step failed")
+            self._fail_all("the engine failed while generating")
+            self.model.clear_memory()
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        for slot in plan.preempted_slots:
+            self.model.remove_sequence(slot)
+        if not plan.chunks:
+            return
+        batch = self.model.batch
+        batch.clear()
+        sample_at: list[tuple[Sequence, int]] = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            assert seq.slot is not None
+            idx = batch.add(
+                seq.slot, seq.tokens[chunk.start : chunk.end], chunk.start, chunk.completes
+            )
+            if chunk.completes:
+                sample_at.append((seq, idx))
+        rc = self.model.decode()
+        self.steps += 1
+        if rc == 1:
+            self._recover_from_full_kv(plan)
+            return
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+        sampled: dict[Sequence, int] = {}
+        for seq, idx in sample_at:
+            sampled[seq] = self._sample(seq, idx)
+        self.scheduler.update(plan, sampled)
+
+        outputs: list[tuple[str, GenOutput]] = []
+        for seq, token in sampled.items():
+            out = self._process_token(seq, token)
+            if out is not None:
+                outputs.append((seq.request_id, out))
+        if outputs:
+            self._emit(outputs)
+
+    def _recover_from_full_kv(self, plan: StepPlan) -> None:
+        # The pool is fragmented or fuller than our count: recompute the newest
+        # sequence later rather than fail anyone.
+        running = self.scheduler.running
+        if len(running) <= 1:
+            raise RuntimeError("no KV space for a single sequence")
+        victim = running[-1]
+        assert victim.slot is not None
+        self.model.remove_sequence(victim.slot)
+        self.scheduler.preempt(victim)
+        # Chunks of this failed step left no usable KV behind: recompute them too.
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if seq.slot is not None and seq is not victim:
+                self.model.remove_sequence(seq.slot)
+                seq.num_computed = 0
+
+    def _runtime(self, seq: Sequence) -> _Runtime:
+        rt = seq.runtime
+        if rt is None:
+            params = seq.request.params
+            rt = _Runtime(
+                sampler=None,
+                text=TextAssembler(params.stop),
+                eog_suppressed=params.ignore_eos or params.min_tokens > 0,
+            )
+            seq.runtime = rt
+        return rt
+
+    def _sample(self, seq: Sequence, idx: int) -> int:
+        rt = self._runtime(seq)
+        params = seq.request.params
+        if rt.eog_suppressed and not params.ignore_eos and seq.num_generated >= params.min_tokens:
+            # min_tokens reached: sample with end-of-generation allowed again,
+            # replaying what was generated so penalties still see it.
+            if rt.sampler is not None:
+                rt.sampler.close()
+            rt.sampler = self.model.new_sampler(params, suppress_eog=False)
+            for t in seq.tokens[seq.num_prompt :]:
+                rt.sampler.accept(t)
+            rt.eog_suppressed = False
+        if rt.sampler is None:
+            rt.sampler = self.model.new_sampler(params, suppress_eog=rt.eog_suppressed)
+        token = rt.sampler.sample(idx)
+        if params.logprobs is not None:
+            rt.logprobs.append(self._logprob(idx, token, params.logprobs))
+        return token
+
+    def _logprob(self, idx: int, token: int, top_n: int) -> TokenLogprob:
+        row = self.model.logits_row(idx).astype(np.float64)
+        peak = row.max()
+        log_z = peak + math.log(float(np.exp(row - peak).sum()))
+        top: tuple[tuple[str, bytes, float], ...] = ()
+        if top_n > 0:
+            best = np.argpartition(row, -top_n)[-top_n:]
+            best = best[np.argsort(row[best])[::-1]]
+            top = tuple(self._token_entry(int(t), float(row[t] - log_z)) for t in best)
+        text, raw, lp = self._token_entry(token, float(row[token] - log_z))
+        return TokenLogprob(text, raw, lp, top)
+
+    def _token_entry(self, token: int, logprob: float) -> tuple[str, bytes, float]:
+        raw = self.model.pieces[token]
+        return raw.decode("utf-8", errors="replace"), raw, logprob
+
+    def _process_token(self, seq: Sequence, token: int) -> GenOutput | None:
+        """Text for a freshly sampled token, and whether the sequence ends here."""
+        rt: _Runtime = seq.runtime
+        reason: FinishReason | None = None
+        stopped_by_string = False
+        text = ""
+        if token in self.model.eog_ids and not rt.eog_suppressed:
+            reason = FinishReason.STOP
+        else:
+            step = rt.text.push(self.model.pieces[token])
+            text = step.text
+            if step.stopped:
+                reason = FinishReason.STOP
+                stopped_by_string = True
+        if reason is None and seq.num_generated >= seq.request.params.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            if not text:
+                return None  # held text keeps its logprobs until it is released
+            return GenOutput(seq.request.choice_index, text, self._take_logprobs(rt))
+        if not stopped_by_string:
+            tail = rt.text.finish()
+            text += tail.text
+            if tail.stopped:
+                reason = FinishReason.STOP
+        self.scheduler.finish(seq, reason)
+        self._release(seq)
+        return GenOutput(
+            seq.request.choice_index,
+            text,
+            self._take_logprobs(rt),
+            reason,
+            Usage(prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated),
+        )
+
+    @staticmethod
+    def _take_logprobs(rt: _Runtime) -> list[TokenLogprob]:
+        # Logprobs travel with the text they produced.
+        if not rt.logprobs:
+            return []
+        taken, rt.logprobs = rt.logprobs, []
+        return taken
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.model.remove_sequence(seq.slot)
+        rt = seq.runtime
+        if rt is not None and rt.sampler is not None:
+            rt.sampler.close()
+            rt.sampler = None
+
+    def _fail_all(self, message: str) -> None:
+        outputs: list[tuple[str, GenOutput]] = []
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            self._release(seq)
+            outputs.append(
+                (
+                    seq.request_id,
+                    GenOutput(
+                        seq.request.choice_index,
+                        "",
+                        finish_reason=FinishReason.ERROR,
+                        usage=Usage(seq.num_prompt, seq.num_generated),
+                        error=message,
+                    ),
+                )
+            )
+        if outputs:
+            self._emit(outputs)

@@ -1,0 +1,263 @@
+"""llama.cpp through llama-cpp-python's low-level API. The only module that imports llama_cpp.
+
+``LlamaCppModel`` owns one model and one context. Only the engine thread may
+call ``decode``, ``sample`` or change KV; tokenizing and the vocabulary tables
+are read-only and safe from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as ll
+import numpy as np
+
+from spigot.engine.types import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def set_native_logging(verbose: bool) -> None:
+    """llama.cpp's own log lines: everything when verbose, else warnings and errors."""
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            ll.llama_backend_init()
+            _backend_ready = True
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ContextOptions:
+    n_ctx: int
+    n_seq_max: int
+    n_batch: int
+    n_threads: int
+
+
+class Batch:
+    """A ``llama_batch`` whose arrays are numpy-owned, so a step fills it with slices.
+
+    Every token belongs to exactly one sequence, which is all the engine needs.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        # seq_id is an array of pointers, one per token, each to its own seq id.
+        self._seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * capacity)()
+        base = self.seq.ctypes.data
+        for i in range(capacity):
+            self._seq_ptrs[i] = ctypes.cast(base + 4 * i, ctypes.POINTER(ctypes.c_int32))
+        self.struct = ll.llama_batch()
+        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token))
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos))
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.struct.seq_id = ctypes.cast(
+            self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id))
+        )
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    def add(
+        self, seq_id: int, tokens: list[int] | tuple[int, ...], start_pos: int, want_logits: bool
+    ) -> int:
+        """Append a run of one sequence's tokens; returns the batch index of the last one."""
+        n = len(tokens)
+        a, b = self.n_tokens, self.n_tokens + n
+        if b > self.capacity:
+            raise ValueError("batch overflow")
+        self.token[a:b] = tokens
+        self.pos[a:b] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        self.seq[a:b] = seq_id
+        self.logits[a:b] = 0
+        if want_logits:
+            self.logits[b - 1] = 1
+        self.n_tokens = b
+        return b - 1
+
+
+class Sampler:
+    """One llama.cpp sampler chain: the sampling state of one sequence."""
+
+    __slots__ = ("_chain", "_model")
+
+    def __init__(self, model: LlamaCppModel, chain: ll.llama_sampler_p) -> None:
+        self._model = model
+        self._chain = chain
+
+    def sample(self, batch_index: int) -> int:
+        return int(ll.llama_sampler_sample(self._chain, self._model.ctx, batch_index))
+
+    def accept(self, token: int) -> None:
+        ll.llama_sampler_accept(self._chain, token)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            ll.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class LlamaCppModel:
+    def __init__(self, path: Path, options: ContextOptions) -> None:
+        _init_backend()
+        self.path = path
+        mparams = ll.llama_model_default_params()
+        # ggml's AMX repacking path crashes on the first decode on CPUs that
+        # report AMX; plain CPU buffers avoid it at no cost for small models.
+        mparams.use_extra_bufts = False
+        model = ll.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"could not load GGUF model from {path}")
+        self.model = model
+        self.vocab = ll.llama_model_get_vocab(model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = ll.llama_model_n_ctx_train(model)
+
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = options.n_ctx
+        cparams.n_batch = options.n_batch
+        cparams.n_ubatch = options.n_batch
+        cparams.n_seq_max = options.n_seq_max
+        cparams.n_threads = options.n_threads
+        cparams.n_threads_batch = options.n_threads
+        # One KV pool shared by all sequences: any one may use the whole context.
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        ctx = ll.llama_init_from_model(model, cparams)
+        if not ctx:
+            ll.llama_model_free(model)
+            raise ModelLoadError(f"could not create a context for {path}")
+        self.ctx = ctx
+        self.n_ctx = ll.llama_n_ctx(ctx)
+        self.memory = ll.llama_get_memory(ctx)
+        self.batch = Batch(options.n_batch)
+
+        self.pieces: list[bytes] = [self._piece(t) for t in range(self.n_vocab)]
+        self.eog_ids: frozenset[int] = frozenset(
+            t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t)
+        )
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self.bos_id = int(ll.llama_vocab_bos(self.vocab))
+        self.eos_id = int(ll.llama_vocab_eos(self.vocab))
+
+    # -- metadata and tokens (any thread) ----------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        size = 1 << 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = ll.llama_model_meta_val_str(self.model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def token_text(self, token: int) -> str:
+        """A token as text for display, special tokens included."""
+        return self._piece(token, special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    # -- engine thread only -------------------------------------------------
+
+    def decode(self) -> int:
+        """Decode the current batch. 0 = ok, 1 = no KV space, other = failure."""
+        self.batch.struct.n_tokens = self.batch.n_tokens
+        return int(ll.llama_decode(self.ctx, self.batch.struct))
+
+    def logits_row(self, batch_index: int) -> np.ndarray:
+        ptr = ll.llama_get_logits_ith(self.ctx, batch_index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def remove_sequence(self, seq_id: int) -> None:
+        ll.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    def clear_memory(self) -> None:
+        ll.llama_memory_clear(self.memory, True)
+
+    def new_sampler(self, params: SamplingParams, *, suppress_eog: bool) -> Sampler:
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        bias = dict(params.logit_bias)
+        if suppress_eog:
+            for t in self.eog_ids:
+                bias[t] = -math.inf
+        if bias:
+            arr = (ll.llama_logit_bias * len(bias))()
+            for i, (tok, b) in enumerate(bias.items()):
+                arr[i].token = tok
+                arr[i].bias = b
+            ll.llama_sampler_chain_add(
+                chain, ll.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr)
+            )
+        if params.presence_penalty or params.frequency_penalty:
+            # OpenAI's penalties count every generated token so far.
+            window = min(params.max_tokens, 4096)
+            ll.llama_sampler_chain_add(
+                chain,
+                ll.llama_sampler_init_penalties(
+                    self.n_vocab,
+                    window,
+                    1.0,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
+            )
+        if params.greedy:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        else:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+            if params.top_p < 1.0:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
+            seed = ll.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+        return Sampler(self, chain)
+
+    def close(self) -> None:
+        if self.ctx:
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            ll.llama_model_free(self.model)
+            self.model = None

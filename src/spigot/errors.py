@@ -1,0 +1,99 @@
+"""One exception tree for everything a client can be told went wrong.
+
+    SpigotError                      500 server_error
+    ├── InvalidRequest               400 invalid_request_error
+    │   └── ContextLengthExceeded    400 invalid_request_error / context_length_exceeded
+    ├── AuthenticationFailed         401 invalid_request_error / invalid_api_key
+    ├── PermissionDenied             403 permission_error
+    ├── NotFound                     404 invalid_request_error
+    │   └── ModelNotFoundError       404 invalid_request_error / model_not_found
+    ├── RateLimited                  429 rate_limit_exceeded (Retry-After)
+    └── Overloaded                   503 server_error (Retry-After)
+
+Each class knows its HTTP status and OpenAI ``type``; instances carry the
+``param`` and ``code``. ``to_body()`` is the OpenAI error object.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SpigotError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after = retry_after
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"retry-after": str(max(1, round(self.retry_after)))}
+
+
+class InvalidRequest(SpigotError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationFailed(SpigotError):
+    status = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(SpigotError):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFound(SpigotError):
+    status = 404
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(NotFound):
+    default_code = "model_not_found"
+
+
+class RateLimited(SpigotError):
+    status = 429
+    error_type = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
+
+
+class Overloaded(SpigotError):
+    status = 503
+    error_type = "server_error"
+    default_code = "overloaded"
+
+
+class EngineFailure(SpigotError):
+    """Generation failed after it started; sent in-band on a stream."""

@@ -1,0 +1,57 @@
+"""Building and running the server from Settings: load models, route names, start uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+from fastapi import FastAPI
+
+from spigot.api.app import create_app
+from spigot.api.state import ServerState
+from spigot.config import Settings
+from spigot.engine.async_engine import AsyncEngine
+from spigot.engine.llamacpp import set_native_logging
+from spigot.models import OPENAI_NAME_PATTERNS, ModelRouter
+
+log = logging.getLogger(__name__)
+
+
+def build_state(settings: Settings) -> ServerState:
+    engines: dict[str, AsyncEngine] = {}
+    for spec in settings.models:
+        log.info("loading %s from %s", spec.id, spec.path)
+        engines[spec.id] = AsyncEngine(spec.id, spec.path, settings.engine)
+    aliases = dict(settings.aliases)
+    if settings.openai_aliases:
+        first = settings.models[0].id
+        for pattern in OPENAI_NAME_PATTERNS:
+            aliases.setdefault(pattern, first)
+    return ServerState(engines=engines, router=ModelRouter(list(engines), aliases))
+
+
+def build_app(settings: Settings) -> FastAPI:
+    return create_app(build_state(settings))
+
+
+def run(settings: Settings, *, verbose_llama: bool = False) -> None:
+    set_native_logging(verbose_llama)
+    app = build_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # Streams are long-lived: on shutdown, let running ones finish for a
+        # while, then cancel them (their generation is aborted cleanly).
+        timeout_graceful_shutdown=30,
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    log.info(
+        "serving %s on http://%s:%d/v1",
+        ", ".join(app.state.spigot.engines),
+        settings.host,
+        settings.port,
+    )
+    server.run()
