@@ -30,6 +30,22 @@ def default_base_url() -> str:
     )
 
 
+def iter_lines(chunks: Iterator[bytes]) -> Iterator[str]:
+    """Lines split on LF (a trailing CR dropped), as event streams are written.
+
+    Not ``str.splitlines``: JSON may carry U+2028 or U+0085 unescaped, and
+    those are not line breaks in an event stream.
+    """
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode("utf-8")
+    if buffer:
+        yield buffer.removesuffix(b"\r").decode("utf-8")
+
+
 def iter_sse_data(lines: Iterator[str]) -> Iterator[str]:
     """The data payload of each event, in order; stops at ``[DONE]``."""
     data: list[str] = []
@@ -89,7 +105,7 @@ class StreamingClient:
                 raise APIError(
                     _error_message(body, f"HTTP {response.status_code}"), response.status_code, body
                 )
-            for data in iter_sse_data(response.iter_lines()):
+            for data in iter_sse_data(iter_lines(response.iter_bytes())):
                 event = orjson.loads(data)
                 if isinstance(event, dict) and "error" in event:
                     raise APIError(_error_message(event, "stream failed"), None, event)

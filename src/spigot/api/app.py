@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spigot import __version__
-from spigot.api import chat, completions, models
+from spigot.api import chat, completions, models, tokens
 from spigot.api.responses import error_response, json_response
 from spigot.api.state import ServerState
 from spigot.errors import InvalidRequest, NotFound, SpigotError
@@ -98,6 +98,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(models.router)
+    app.include_router(tokens.router)
 
     @app.get("/health")
     async def health() -> Response:

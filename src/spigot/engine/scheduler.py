@@ -174,7 +174,8 @@ class Scheduler:
                 seq.tokens.append(token)
 
     def _admit(self) -> None:
-        used = self.kv_used() + sum(s.num_pending for s in self.running)
+        # Room for every running sequence's tokens plus the one each will add.
+        used = sum(len(s.tokens) + 1 for s in self.running)
         while self.waiting and self._free_slots:
             seq = self.waiting[0]
             need = len(seq.tokens) + 1

@@ -1,0 +1,501 @@
+"""The continuous-batching scheduler, driven with hand-made requests and tokens."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spigot.engine.scheduler import (
+    Chunk,
+    Scheduler,
+    SchedulerConfig,
+    SeqStatus,
+    Sequence,
+    StepPlan,
+)
+from spigot.engine.types import FinishReason, GenRequest, SamplingParams
+
+_ids = itertools.count()
+
+
+def make_seq(num_prompt: int, max_tokens: int = 1000, request_id: str | None = None) -> Sequence:
+    rid = request_id if request_id is not None else f"req-{next(_ids)}"
+    prompt = tuple(range(100, 100 + num_prompt))
+    return Sequence.from_request(GenRequest(rid, prompt, SamplingParams(max_tokens=max_tokens)))
+
+
+def make_scheduler(
+    max_running: int = 4,
+    kv_capacity: int = 10_000,
+    max_step_tokens: int = 64,
+    prefill_chunk: int = 32,
+) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_running, kv_capacity, max_step_tokens, prefill_chunk))
+
+
+def run_step(sched: Scheduler, token: int = 7) -> StepPlan:
+    """One engine step: schedule, then sample ``token`` for every completed chunk."""
+    plan = sched.schedule()
+    sampled = {c.seq: token for c in plan.chunks if c.completes}
+    sched.update(plan, sampled)
+    return plan
+
+
+def chunk_of(plan: StepPlan, seq: Sequence) -> Chunk:
+    found = [c for c in plan.chunks if c.seq is seq]
+    assert len(found) == 1, f"{seq.request_id} has {len(found)} chunks"
+    return found[0]
+
+
+def sizes(plan: StepPlan) -> dict[str, int]:
+    return {c.seq.request_id: c.end - c.start for c in plan.chunks}
+
+
+# -- config --------------------------------------------------------------------
+
+
+def test_config_rejects_step_smaller_than_running_set() -> None:
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_running=8, kv_capacity=100, max_step_tokens=4, prefill_chunk=4)
+
+
+def test_sequence_from_request() -> None:
+    seq = make_seq(5, request_id="r")
+    assert seq.tokens == [100, 101, 102, 103, 104]
+    assert (seq.num_prompt, seq.num_computed, seq.num_generated, seq.num_pending) == (5, 0, 0, 5)
+    assert seq.request_id == "r"
+    assert seq.status is SeqStatus.WAITING and seq.slot is None
+
+
+# -- admission -----------------------------------------------------------------
+
+
+def test_admission_is_bounded_by_slots_and_the_rest_wait_fifo() -> None:
+    sched = make_scheduler(max_running=2)
+    seqs = [make_seq(3) for _ in range(5)]
+    for s in seqs:
+        sched.add(s)
+    sched.schedule()
+    assert sched.running == seqs[:2]
+    assert list(sched.waiting) == seqs[2:]
+    assert sorted(s.slot for s in seqs[:2]) == [0, 1]  # type: ignore[type-var]
+    assert all(s.status is SeqStatus.RUNNING for s in seqs[:2])
+    assert all(s.status is SeqStatus.WAITING and s.slot is None for s in seqs[2:])
+
+
+def test_waiting_sequences_are_admitted_in_arrival_order() -> None:
+    sched = make_scheduler(max_running=1)
+    seqs = [make_seq(2) for _ in range(4)]
+    for s in seqs:
+        sched.add(s)
+    admitted: list[Sequence] = []
+    while sched.has_work():
+        run_step(sched)
+        (current,) = sched.running
+        if current not in admitted:
+            admitted.append(current)
+        sched.finish(current, FinishReason.STOP)
+    assert admitted == seqs
+    assert all(s.finish_reason is FinishReason.STOP for s in seqs)
+
+
+def test_has_work() -> None:
+    sched = make_scheduler()
+    assert not sched.has_work()
+    seq = make_seq(2)
+    sched.add(seq)
+    assert sched.has_work()
+    run_step(sched)
+    assert sched.has_work()
+    sched.finish(seq, FinishReason.LENGTH)
+    assert not sched.has_work()
+
+
+def test_admission_waits_for_kv_room_when_something_runs() -> None:
+    sched = make_scheduler(max_running=4, kv_capacity=20)
+    a, b, c = make_seq(10), make_seq(9), make_seq(2)
+    for s in (a, b, c):
+        sched.add(s)
+    sched.schedule()
+    # a needs 10 + 1; b would need 9 + 1 more: 21 > 20. c must not jump the queue.
+    assert sched.running == [a]
+    assert list(sched.waiting) == [b, c]
+
+
+def test_first_sequence_is_admitted_even_if_larger_than_the_pool() -> None:
+    sched = make_scheduler(kv_capacity=8)
+    big = make_seq(20)
+    sched.add(big)
+    sched.schedule()
+    assert sched.running == [big]
+
+
+# -- decode and prefill --------------------------------------------------------
+
+
+def test_first_step_prefills_and_completes_short_prompts() -> None:
+    sched = make_scheduler()
+    a, b = make_seq(5), make_seq(3)
+    sched.add(a)
+    sched.add(b)
+    plan = sched.schedule()
+    assert [(c.seq, c.start, c.end) for c in plan.chunks] == [(a, 0, 5), (b, 0, 3)]
+    assert all(c.completes for c in plan.chunks)
+    sched.update(plan, {a: 1, b: 2})
+    assert a.tokens[-1] == 1 and b.tokens[-1] == 2
+    assert (a.num_computed, a.num_pending, a.num_generated) == (5, 1, 1)
+
+
+def test_every_decoding_sequence_gets_exactly_one_token_per_step() -> None:
+    sched = make_scheduler(max_running=3, max_step_tokens=8, prefill_chunk=8)
+    seqs = [make_seq(2) for _ in range(3)]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)  # prefill all three (6 tokens)
+    for step in range(1, 6):
+        plan = run_step(sched, token=step)
+        assert len(plan.chunks) == 3
+        for s in seqs:
+            chunk = chunk_of(plan, s)
+            assert (chunk.start, chunk.end) == (2 + step - 1, 2 + step)
+            assert s.num_generated == step + 1
+            assert s.tokens[-1] == step
+
+
+def test_sampled_token_goes_into_the_next_step() -> None:
+    sched = make_scheduler()
+    seq = make_seq(4)
+    sched.add(seq)
+    run_step(sched, token=42)
+    plan = sched.schedule()
+    (chunk,) = plan.chunks
+    assert seq.tokens[chunk.start : chunk.end] == [42]
+    assert chunk.completes
+
+
+def test_long_prompt_is_chunked_while_others_keep_decoding() -> None:
+    sched = make_scheduler(max_running=4, max_step_tokens=64, prefill_chunk=16)
+    short = make_seq(4)
+    sched.add(short)
+    run_step(sched)  # short is now decoding
+    long = make_seq(100)
+    sched.add(long)
+
+    chunks: list[tuple[int, int, bool]] = []
+    while long.num_generated == 0:
+        before = short.num_generated
+        plan = sched.schedule()
+        decode = chunk_of(plan, short)
+        assert decode.end - decode.start == 1
+        prefill = chunk_of(plan, long)
+        assert prefill.end - prefill.start <= 16
+        chunks.append((prefill.start, prefill.end, prefill.completes))
+        sched.update(plan, {c.seq: 9 for c in plan.chunks if c.completes})
+        assert short.num_generated == before + 1
+
+    assert chunks == [(i, min(i + 16, 100), i + 16 >= 100) for i in range(0, 100, 16)]
+    assert long.num_computed == 100 and long.num_pending == 1
+
+
+def test_prefill_chunk_is_shared_by_all_prefilling_sequences() -> None:
+    sched = make_scheduler(max_running=4, max_step_tokens=64, prefill_chunk=10)
+    a, b = make_seq(7), make_seq(7)
+    sched.add(a)
+    sched.add(b)
+    plan = run_step(sched)
+    # Oldest first: a gets all 7, b the remaining 3.
+    assert sizes(plan) == {a.request_id: 7, b.request_id: 3}
+    assert chunk_of(plan, a).start == 0
+    plan = sched.schedule()
+    assert sizes(plan) == {a.request_id: 1, b.request_id: 4}
+    assert chunk_of(plan, b).start == 3
+    assert chunk_of(plan, b).completes
+
+
+def test_step_tokens_never_exceed_max_step_tokens() -> None:
+    sched = make_scheduler(max_running=4, max_step_tokens=6, prefill_chunk=100)
+    decoders = [make_seq(1) for _ in range(3)]
+    for s in decoders:
+        sched.add(s)
+    run_step(sched)
+    long = make_seq(50)
+    sched.add(long)
+    plan = run_step(sched)
+    assert plan.num_tokens == 6  # three decode tokens and three prompt tokens
+    assert chunk_of(plan, long).end == 3
+    for _ in range(5):
+        assert run_step(sched).num_tokens <= 6
+
+
+def test_chunk_completes_only_on_the_last_chunk() -> None:
+    seq = make_seq(10)
+    assert not Chunk(seq, 0, 4).completes
+    assert not Chunk(seq, 4, 9).completes
+    assert Chunk(seq, 9, 10).completes
+
+
+def test_plan_num_tokens() -> None:
+    a, b = make_seq(10), make_seq(3)
+    plan = StepPlan([Chunk(a, 2, 7), Chunk(b, 0, 3)])
+    assert plan.num_tokens == 8
+    assert StepPlan().num_tokens == 0
+
+
+# -- finish and abort ------------------------------------------------------------
+
+
+def test_finish_frees_the_slot_for_the_next_step() -> None:
+    sched = make_scheduler(max_running=1)
+    a, b = make_seq(3), make_seq(3)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    slot = a.slot
+    sched.finish(a, FinishReason.LENGTH)
+    assert a.status is SeqStatus.FINISHED and a.finish_reason is FinishReason.LENGTH
+    assert sched.running == []
+    run_step(sched)
+    assert sched.running == [b] and b.slot == slot
+
+
+def test_abort_waiting_sequence() -> None:
+    sched = make_scheduler(max_running=1)
+    a, b, c = make_seq(3), make_seq(3), make_seq(3)
+    for s in (a, b, c):
+        sched.add(s)
+    run_step(sched)
+    assert sched.abort(b.request_id) is b
+    assert b.status is SeqStatus.FINISHED and b.finish_reason is FinishReason.ABORT
+    assert list(sched.waiting) == [c]
+
+
+def test_abort_running_sequence_frees_its_slot() -> None:
+    sched = make_scheduler(max_running=1)
+    a, b = make_seq(3), make_seq(3)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    assert sched.abort(a.request_id) is a
+    assert a.status is SeqStatus.FINISHED and a.finish_reason is FinishReason.ABORT
+    assert sched.running == []
+    plan = run_step(sched)
+    assert sched.running == [b]
+    assert chunk_of(plan, b).start == 0
+
+
+def test_abort_unknown_request() -> None:
+    sched = make_scheduler()
+    sched.add(make_seq(2))
+    assert sched.abort("nobody") is None
+    assert len(sched.waiting) == 1
+
+
+def test_sequence_aborted_during_a_step_is_not_updated() -> None:
+    sched = make_scheduler()
+    seq = make_seq(3)
+    sched.add(seq)
+    plan = sched.schedule()
+    sched.abort(seq.request_id)
+    sched.update(plan, {seq: 5})
+    assert seq.tokens == [100, 101, 102]
+    assert seq.num_computed == 0
+
+
+def test_kv_used_counts_computed_tokens_of_running_sequences() -> None:
+    sched = make_scheduler(prefill_chunk=4)
+    a, b = make_seq(3), make_seq(6)
+    sched.add(a)
+    sched.add(b)
+    assert sched.kv_used() == 0
+    run_step(sched)  # a: 3, b: 1
+    assert sched.kv_used() == 4
+    sched.finish(a, FinishReason.STOP)
+    assert sched.kv_used() == 1
+
+
+# -- continuous batching ---------------------------------------------------------
+
+
+def test_new_sequence_joins_at_the_very_next_step() -> None:
+    sched = make_scheduler(max_running=2, max_step_tokens=16, prefill_chunk=16)
+    a, b, c = make_seq(3), make_seq(3), make_seq(5)
+    for s in (a, b, c):
+        sched.add(s)
+    run_step(sched)
+    run_step(sched)
+    assert c.status is SeqStatus.WAITING
+    sched.finish(a, FinishReason.STOP)
+    plan = run_step(sched)
+    # c is admitted and prefilled in the same step in which b decodes.
+    assert sched.running == [b, c]
+    assert sizes(plan) == {b.request_id: 1, c.request_id: 5}
+    assert c.slot == a.slot
+
+
+# -- preemption ------------------------------------------------------------------
+
+
+def test_preemption_drops_newest_and_recomputes_it_later() -> None:
+    sched = make_scheduler(max_running=2, kv_capacity=20, max_step_tokens=16, prefill_chunk=16)
+    a, b, c = make_seq(8), make_seq(8), make_seq(2)
+    for s in (a, b, c):
+        sched.add(s)
+    plan = run_step(sched, token=1)  # both prefilled: 9 tokens each
+    assert sizes(plan) == {a.request_id: 8, b.request_id: 8}
+    assert list(sched.waiting) == [c]
+    assert run_step(sched, token=2).preempted_slots == []  # 10 + 10 after this step
+    assert run_step(sched, token=3).preempted_slots == []  # 11 + 11 tokens now
+    b_slot = b.slot
+    assert b_slot is not None
+
+    plan = sched.schedule()  # the next step would hold 22 > 20
+    assert plan.preempted_slots == [b_slot]
+    assert b.status is SeqStatus.WAITING and b.slot is None
+    assert b.num_computed == 0
+    assert b.tokens == [*range(100, 108), 1, 2, 3]  # prompt and generated tokens kept
+    assert list(sched.waiting) == [b, c]  # back at the front
+    assert sched.running == [a]
+    assert [c.seq for c in plan.chunks] == [a]
+    sched.update(plan, {a: 4})
+
+    # Not enough room for b yet, and c must not overtake it.
+    plan = run_step(sched, token=5)
+    assert sched.running == [a]
+    assert list(sched.waiting) == [b, c]
+
+    sched.finish(a, FinishReason.STOP)
+    plan = sched.schedule()
+    assert sched.running[0] is b
+    chunk = chunk_of(plan, b)
+    assert (chunk.start, chunk.end) == (0, 11)  # prompt plus generated, recomputed
+    assert chunk.completes
+    sched.update(plan, {s.seq: 6 for s in plan.chunks if s.completes})
+    assert b.tokens == [*range(100, 108), 1, 2, 3, 6]
+    assert b.num_generated == 4
+
+
+def test_preemption_of_several_keeps_their_order() -> None:
+    sched = make_scheduler(max_running=3, kv_capacity=30, max_step_tokens=32, prefill_chunk=32)
+    a, b, c, d = make_seq(9), make_seq(9), make_seq(9), make_seq(1)
+    for s in (a, b, c, d):
+        sched.add(s)
+    run_step(sched)  # 10 tokens each: 30, the whole pool
+    assert sched.running == [a, b, c]
+    # Pretend a grew by 12 tokens: 42 > 30 needs two victims, newest first.
+    a.tokens.extend([7] * 12)
+    b_slot, c_slot = b.slot, c.slot
+    plan = sched.schedule()
+    assert plan.preempted_slots == [c_slot, b_slot]
+    assert b_slot is not None and c_slot is not None
+    assert sched.running == [a]
+    assert list(sched.waiting) == [b, c, d]  # oldest first, ahead of those never run
+
+
+def test_a_lone_sequence_is_never_preempted() -> None:
+    sched = make_scheduler(max_running=2, kv_capacity=10)
+    seq = make_seq(9)
+    sched.add(seq)
+    for _ in range(5):
+        assert run_step(sched).preempted_slots == []
+    assert sched.running == [seq]
+
+
+# -- random workloads --------------------------------------------------------------
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[SchedulerConfig, list[tuple[int, int, int]], set[int]]:
+    max_running = draw(st.integers(1, 4))
+    max_step_tokens = draw(st.integers(max_running, 24))
+    prefill_chunk = draw(st.integers(1, 24))
+    kv_capacity = draw(st.integers(8, 60))
+    # (arrival step, prompt length, max_tokens); one sequence alone always fits.
+    requests = draw(
+        st.lists(
+            st.tuples(st.integers(0, 10), st.integers(1, kv_capacity - 1), st.integers(1, 20)),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    requests = [(t, p, min(m, kv_capacity - p)) for t, p, m in sorted(requests, key=lambda r: r[0])]
+    aborts = draw(st.sets(st.integers(0, len(requests) - 1), max_size=2))
+    cfg = SchedulerConfig(max_running, kv_capacity, max_step_tokens, prefill_chunk)
+    return cfg, requests, aborts
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads())
+def test_random_workloads_keep_every_invariant(
+    case: tuple[SchedulerConfig, list[tuple[int, int, int]], set[int]],
+) -> None:
+    cfg, requests, aborts = case
+    sched = Scheduler(cfg)
+    seqs = [make_seq(p, max_tokens=m, request_id=f"r{i}") for i, (_, p, m) in enumerate(requests)]
+    first_admitted: list[Sequence] = []
+    step = 0
+    while step <= 10 or sched.has_work():
+        assert step < 5000, "the scheduler stopped making progress"
+        for i, (t, _, _) in enumerate(requests):
+            if t == step:
+                sched.add(seqs[i])
+            if t + 3 == step and i in aborts:
+                sched.abort(seqs[i].request_id)
+
+        plan = sched.schedule()
+        running = list(sched.running)
+        assert len(running) <= cfg.max_running
+        slots = [s.slot for s in running]
+        assert len(set(slots)) == len(slots)
+        assert all(slot is not None and 0 <= slot < cfg.max_running for slot in slots)
+        assert not set(plan.preempted_slots) & set(slots)
+        for s in running:
+            if s not in first_admitted:
+                first_admitted.append(s)
+
+        assert plan.num_tokens <= cfg.max_step_tokens
+        assert len({id(c.seq) for c in plan.chunks}) == len(plan.chunks)
+        decoding = [s for s in running if s.num_computed > 0 and s.num_pending == 1]
+        prefill_tokens = 0
+        for c in plan.chunks:
+            assert c.seq.status is SeqStatus.RUNNING
+            assert c.start == c.seq.num_computed
+            assert c.start < c.end <= len(c.seq.tokens)
+            if c.seq not in decoding:
+                prefill_tokens += c.end - c.start
+        for s in decoding:
+            assert chunk_of(plan, s).end - chunk_of(plan, s).start == 1
+        assert prefill_tokens <= cfg.prefill_chunk
+        if len(running) > 1:
+            assert sum(len(s.tokens) for s in running) <= cfg.kv_capacity
+
+        # Each sequence's n-th generated token is 1000 * index + n: a recompute
+        # after preemption must keep them all, in order.
+        sampled = {
+            c.seq: 1000 * seqs.index(c.seq) + c.seq.num_generated
+            for c in plan.chunks
+            if c.completes
+        }
+        sched.update(plan, sampled)
+        assert sched.kv_used() <= cfg.kv_capacity
+        for seq in sampled:
+            if seq.num_generated >= seq.request.params.max_tokens:
+                sched.finish(seq, FinishReason.LENGTH)
+        step += 1
+
+    assert not sched.waiting and not sched.running
+    # Sequences start in arrival order (all requests arrive in order of index).
+    assert [int(s.request_id[1:]) for s in first_admitted] == sorted(
+        int(s.request_id[1:]) for s in first_admitted
+    )
+    for i, seq in enumerate(seqs):
+        assert seq.status is SeqStatus.FINISHED
+        prompt = list(range(100, 100 + seq.num_prompt))
+        assert seq.tokens[: seq.num_prompt] == prompt
+        assert seq.tokens[seq.num_prompt :] == [1000 * i + n for n in range(seq.num_generated)]
+        if seq.finish_reason is FinishReason.LENGTH:
+            assert seq.num_generated == seq.request.params.max_tokens
+        else:
+            assert seq.finish_reason is FinishReason.ABORT
