@@ -1,4 +1,4 @@
-"""POST /tokenize and /detokenize, with the served model's own tokenizer (as vLLM and llama.cpp offer)."""
+"""POST /tokenize and /detokenize with the served model's own tokenizer (as vLLM offers)."""
 
 from __future__ import annotations
 

@@ -25,15 +25,33 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 
 
+# ggml's log levels (ggml.h); CONT continues the previous line.
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_native_log = logging.getLogger("spigot.llama_cpp")
+_native_state = {"verbose": False, "level": logging.INFO}
+
+
+@ll.llama_log_callback
+def _forward_native_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    py_level = _native_state["level"] if level == 5 else _GGML_LEVELS.get(level, logging.INFO)
+    _native_state["level"] = py_level
+    if _native_state["verbose"] or py_level >= logging.WARNING:
+        line = text.decode("utf-8", errors="replace").rstrip()
+        if line:
+            _native_log.log(max(py_level, logging.INFO), line)
+
+
 def set_native_logging(verbose: bool) -> None:
-    """llama.cpp's own log lines: everything when verbose, else warnings and errors."""
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    """llama.cpp's own log lines go to logging: all when verbose, else warnings and errors."""
+    _native_state["verbose"] = verbose
+    ll.llama_log_set(_forward_native_log, ctypes.c_void_p(0))
 
 
 def _init_backend() -> None:
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
+            ll.llama_log_set(_forward_native_log, ctypes.c_void_p(0))
             ll.llama_backend_init()
             _backend_ready = True
 
