@@ -97,6 +97,13 @@ def test_disconnect_mid_stream_frees_the_slot(server: RunningServer) -> None:
     sock.close()
     stats = server.wait_idle(timeout=10)
     assert stats["running"] == 0 and stats["in_flight"] == 0
+    # Its usage is recorded with the tokens generated until the abort.
+    request_id = received.split(b"x-request-id: ")[1].split(b"\r\n")[0].decode()
+    assert _wait_for(lambda: request_id in server.log(), timeout=5)
+    (line,) = [ln for ln in server.log().splitlines() if request_id in ln]
+    assert "status=disconnected" in line
+    completion = int(line.split(" completion=")[1].split()[0])
+    assert completion >= 4
     # It stopped long before its 4000 tokens.
     steps = server.engine_stats()["steps"] - steps_before
     assert steps < 1000

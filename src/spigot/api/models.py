@@ -11,7 +11,6 @@ from starlette.responses import Response
 from spigot.api.responses import json_response
 from spigot.api.state import ServerState
 from spigot.engine.async_engine import AsyncEngine
-from spigot.errors import ModelNotFoundError
 
 router = APIRouter()
 
@@ -37,7 +36,5 @@ async def list_models(request: Request) -> Response:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> Response:
     state: ServerState = request.app.state.spigot
-    engine = state.engines.get(model_id)
-    if engine is None:
-        raise ModelNotFoundError(f"The model `{model_id}` does not exist", param="model")
-    return json_response(_model_card(engine))
+    # Names routed to a model (gpt-3.5-turbo, aliases) describe that model.
+    return json_response(_model_card(state.engine_for(model_id)))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from spigot.engine.types import SamplingParams
 from spigot.errors import InvalidRequest
@@ -23,7 +24,9 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: "stream": "yes" or "temperature": "0.5" is a mistake to report,
+    # not to guess at (ints are still accepted where a float is expected).
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Wire):
@@ -39,6 +42,14 @@ class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None and self.role not in ("assistant", "function"):
+            raise PydanticCustomError(
+                "content_required", "a {role} message needs 'content'", {"role": self.role}
+            )
+        return self
 
     def text(self) -> str:
         if self.content is None:

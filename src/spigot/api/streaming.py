@@ -23,7 +23,7 @@ from spigot.api.sse import DONE, data_event
 from spigot.api.state import RequestRecord, ServerState
 from spigot.engine.async_engine import RequestStream
 from spigot.engine.types import FinishReason, GenOutput
-from spigot.errors import EngineFailure, InvalidRequest
+from spigot.errors import EngineFailure
 
 
 class ChunkFormat(Protocol):
@@ -60,8 +60,15 @@ def _account(record: RequestRecord, output: GenOutput) -> None:
         record.mark_first_token()
     if output.finished:
         record.add_usage(output.usage)
-        if output.finish_reason is not FinishReason.ERROR:
+        if output.finish_reason not in (FinishReason.ERROR, FinishReason.ABORT):
             record.finish_reasons.append(output.finish_reason.value)
+
+
+async def _abort_and_account(stream: RequestStream, record: RequestRecord) -> None:
+    """Stop what still runs and count what it consumed until it stopped."""
+    stream.abort()
+    for output in await stream.drain():
+        _account(record, output)
 
 
 async def stream_events(
@@ -83,7 +90,7 @@ async def stream_events(
             _account(record, output)
             if output.error is not None:
                 record.status = "error"
-                stream.abort()
+                await _abort_and_account(stream, record)
                 yield data_event(error_body(output.error))
                 return
             if output.text:
@@ -99,9 +106,9 @@ async def stream_events(
         yield DONE
     finally:
         if not stream.finished:
-            stream.abort()
             if record.status == "ok":
                 record.status = "disconnected"
+            await _abort_and_account(stream, record)
         if not recorded:
             state.finish(record)
 
@@ -151,12 +158,12 @@ async def collect(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if not stream.finished:
-            stream.abort()
+            await _abort_and_account(stream, record)
         state.finish(record)
 
 
 def finish_reason_of(outputs: list[GenOutput]) -> str:
-    reason = outputs[-1].finish_reason if outputs else None
-    if reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
-        raise InvalidRequest("generation ended without a finish reason")
+    """The finish reason of a choice that ran to its end (``collect`` returned)."""
+    reason = outputs[-1].finish_reason
+    assert reason is not None and reason not in (FinishReason.ABORT, FinishReason.ERROR)
     return reason.value

@@ -72,10 +72,25 @@ class RequestStream:
         return not self._open and not self._buffer
 
     def abort(self) -> None:
-        """Stop generating whatever is still running; safe to call more than once."""
-        for request_id in list(self._open):
+        """Stop generating whatever is still running; safe to call more than once.
+
+        Each aborted sequence still delivers a last output (``FinishReason.ABORT``)
+        with the tokens it consumed; ``drain`` collects those.
+        """
+        for request_id in self._open:
             self._engine.abort(request_id)
-        self._open.clear()
+
+    async def drain(self, within: float = 10.0) -> list[GenOutput]:
+        """Every output still to come, after ``abort``: they arrive within a step."""
+        outputs: list[GenOutput] = []
+        try:
+            async with asyncio.timeout(within):
+                async for output in self:
+                    outputs.append(output)
+        except TimeoutError:
+            log.warning("sequences %s did not report after abort", sorted(self._open))
+            self._open.clear()
+        return outputs
 
 
 class AsyncEngine:
@@ -139,7 +154,13 @@ class AsyncEngine:
         return self.model.tokenize(rendered, add_special=False, parse_special=True)
 
     def tokenize_prompt(self, text: str) -> list[int]:
-        return self.model.tokenize(text, add_special=True, parse_special=True)
+        tokens = self.model.tokenize(text, add_special=True, parse_special=True)
+        if not tokens:
+            # An empty prompt starts from the start of a text, as OpenAI's
+            # models start from <|endoftext|>.
+            start = self.model.bos_id if self.model.bos_id >= 0 else self.model.eos_id
+            tokens = [start]
+        return tokens
 
     def detokenize(self, token_ids: Seq[int]) -> str:
         pieces = self.model.pieces
@@ -156,6 +177,8 @@ class AsyncEngine:
 
     def submit(self, requests: list[GenRequest]) -> RequestStream:
         """Queue sequences for generation; raises QueueFull before accepting any."""
+        if any(not r.prompt_token_ids for r in requests):
+            raise ValueError("a prompt must have at least one token")
         if len(self._streams) + len(requests) > self.capacity:
             raise QueueFull(
                 f"{len(self._streams)} sequences are running or queued; "
@@ -168,7 +191,7 @@ class AsyncEngine:
         return stream
 
     def abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
+        if request_id in self._streams:
             self.core.abort(request_id)
 
     def stats(self) -> dict[str, int]:

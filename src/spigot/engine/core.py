@@ -99,6 +99,8 @@ class EngineCore:
                 seq = self.scheduler.abort(arg)
                 if seq is not None:
                     self._release(seq)
+                    # The last word on an aborted sequence: what it consumed.
+                    self._emit([(seq.request_id, self._final_output(seq, FinishReason.ABORT))])
             elif kind == "stop":
                 self._stopping = True
                 return
@@ -240,12 +242,23 @@ class EngineCore:
                 reason = FinishReason.STOP
         self.scheduler.finish(seq, reason)
         self._release(seq)
+        return self._final_output(seq, reason, text, self._take_logprobs(rt))
+
+    @staticmethod
+    def _final_output(
+        seq: Sequence,
+        reason: FinishReason,
+        text: str = "",
+        logprobs: list[TokenLogprob] | None = None,
+        error: str | None = None,
+    ) -> GenOutput:
         return GenOutput(
             seq.request.choice_index,
             text,
-            self._take_logprobs(rt),
+            logprobs or [],
             reason,
             Usage(prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated),
+            error,
         )
 
     @staticmethod
@@ -270,16 +283,7 @@ class EngineCore:
             self.scheduler.finish(seq, FinishReason.ERROR)
             self._release(seq)
             outputs.append(
-                (
-                    seq.request_id,
-                    GenOutput(
-                        seq.request.choice_index,
-                        "",
-                        finish_reason=FinishReason.ERROR,
-                        usage=Usage(seq.num_prompt, seq.num_generated),
-                        error=message,
-                    ),
-                )
+                (seq.request_id, self._final_output(seq, FinishReason.ERROR, error=message))
             )
         if outputs:
             self._emit(outputs)
