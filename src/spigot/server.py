@@ -21,7 +21,7 @@ def build_state(settings: Settings) -> ServerState:
     engines: dict[str, AsyncEngine] = {}
     for spec in settings.models:
         log.info("loading %s from %s", spec.id, spec.path)
-        engines[spec.id] = AsyncEngine(spec.id, spec.path, settings.engine)
+        engines[spec.id] = AsyncEngine.load(spec.id, spec.path, settings.engine)
     aliases = dict(settings.aliases)
     if settings.openai_aliases:
         first = settings.models[0].id

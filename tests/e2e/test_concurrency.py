@@ -175,3 +175,45 @@ def test_streams_keep_flowing_while_a_long_prompt_prefills(server: RunningServer
     short.close()
     long.close()
     server.wait_idle()
+
+
+def test_shutdown_lets_open_streams_finish() -> None:
+    import signal
+    import threading
+
+    from tests.e2e.server import start_server
+
+    srv = start_server("--parallel", "2")
+    try:
+        events: list[bytes] = []
+
+        def read() -> None:
+            with httpx.stream(
+                "POST",
+                f"{srv.base_url}/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": _story(4),
+                    "max_tokens": 60,
+                    "ignore_eos": True,
+                    "stream": True,
+                },
+                timeout=120,
+            ) as r:
+                for line in r.iter_lines():
+                    if line:
+                        events.append(line.encode())
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert _wait_for(lambda: len(events) >= 3)
+        srv.process.send_signal(signal.SIGTERM)
+        reader.join(timeout=120)
+        # The stream in flight ran to its end; then the server exited cleanly.
+        assert events[-1] == b"data: [DONE]"
+        assert b'"finish_reason":"length"' in events[-2]
+        # (uvicorn re-raises the signal once shut down: exit status -SIGTERM.)
+        assert srv.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in srv.log()
+    finally:
+        srv.stop()

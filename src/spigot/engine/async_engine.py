@@ -96,20 +96,12 @@ class RequestStream:
 class AsyncEngine:
     """One served model: llama.cpp in an engine thread, bridged to asyncio."""
 
-    def __init__(self, model_id: str, path: Path, options: EngineOptions) -> None:
+    def __init__(self, model_id: str, model: LlamaCppModel, options: EngineOptions) -> None:
+        """Serve an already loaded model; tests pass a fake one for fault injection."""
         self.model_id = model_id
-        self.path = path
         self.created = int(time.time())
         self.options = options
-        self.model = LlamaCppModel(
-            path,
-            ContextOptions(
-                n_ctx=options.n_ctx,
-                n_seq_max=options.parallel,
-                n_batch=max(options.batch_tokens, options.parallel),
-                n_threads=options.threads,
-            ),
-        )
+        self.model = model
         # Per sequence: our own limit, and the model's trained context.
         self.max_context = min(self.model.n_ctx, self.model.n_ctx_train or self.model.n_ctx)
         self.chat_template = ChatTemplate(
@@ -130,6 +122,19 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
 
+    @classmethod
+    def load(cls, model_id: str, path: Path, options: EngineOptions) -> AsyncEngine:
+        model = LlamaCppModel(
+            path,
+            ContextOptions(
+                n_ctx=options.n_ctx,
+                n_seq_max=options.parallel,
+                n_batch=max(options.batch_tokens, options.parallel),
+                n_threads=options.threads,
+            ),
+        )
+        return cls(model_id, model, options)
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -137,8 +142,14 @@ class AsyncEngine:
         self.core.start()
 
     def stop(self) -> None:
-        self.core.stop()
-        self.model.close()
+        # Freeing the model under a running step would crash the process;
+        # leave it to process exit if the thread does not stop in time.
+        if self.core.stop():
+            self.model.close()
+        else:
+            log.warning(
+                "engine thread for %s did not stop; leaving the model loaded", self.model_id
+            )
 
     # -- prompts ---------------------------------------------------------------
 

@@ -58,9 +58,12 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the thread; False if it is still inside a step after ``timeout``."""
         self._inbox.put(("stop", None))
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def stats(self) -> dict[str, int]:
         """A racy snapshot for /health and tests; good enough for monitoring."""

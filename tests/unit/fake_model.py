@@ -1,0 +1,92 @@
+"""A deterministic stand-in for LlamaCppModel: scripted tokens, injectable faults.
+
+For unit tests and fault injection only; every feature is also tested on the
+real model end to end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spigot.engine.llamacpp import Batch
+from spigot.engine.types import SamplingParams
+
+EOS = 0
+LETTERS = "abcdefghijklmnopqrstuvwxyz "
+# Token 1..27 are letters and space; 28 and 29 are the two bytes of "é".
+PIECES = [b"", *(c.encode() for c in LETTERS), b"\xc3", b"\xa9"]
+E_ACUTE = (28, 29)
+
+
+def token_of(ch: str) -> int:
+    return LETTERS.index(ch) + 1
+
+
+@dataclass
+class FakeSampler:
+    model: FakeModel
+    suppress_eog: bool
+    position: int = 0
+
+    def sample(self, batch_index: int) -> int:
+        while True:
+            token = self.model.script[self.position % len(self.model.script)]
+            self.position += 1
+            if not (self.suppress_eog and token == EOS):
+                return token
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeModel:
+    script: list[int] = field(default_factory=lambda: [token_of(c) for c in "hello world"] + [EOS])
+    n_ctx: int = 1024
+    n_ctx_train: int = 1024
+    fail_at_step: int | None = None  # decode returns -1 on this step (1-based)
+    steps: int = 0
+    removed: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pieces = PIECES
+        self.n_vocab = len(PIECES)
+        self.eog_ids = frozenset({EOS})
+        self.bos_id = -1
+        self.eos_id = EOS
+        self.batch = Batch(64)
+
+    def metadata(self, key: str) -> str | None:
+        return None
+
+    def token_text(self, token: int) -> str:
+        return PIECES[token].decode(errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return [token_of(c) if c in LETTERS else token_of(" ") for c in text]
+
+    def decode(self) -> int:
+        self.steps += 1
+        if self.fail_at_step is not None and self.steps == self.fail_at_step:
+            return -1
+        return 0
+
+    def logits_row(self, batch_index: int) -> np.ndarray:
+        return np.zeros(self.n_vocab, dtype=np.float32)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self.removed.append(seq_id)
+
+    def clear_memory(self) -> None:
+        pass
+
+    def new_sampler(self, params: SamplingParams, *, suppress_eog: bool) -> FakeSampler:
+        return FakeSampler(self, suppress_eog)
+
+    def close(self) -> None:
+        pass
