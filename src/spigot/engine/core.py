@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spigot.engine.llamacpp import LlamaCppModel, Sampler
+from spigot.engine.llamacpp import ArgmaxSampler, LlamaCppModel, Sampler
 from spigot.engine.output import TextAssembler
 from spigot.engine.scheduler import Scheduler, Sequence, StepPlan
 from spigot.engine.types import FinishReason, GenOutput, GenRequest, TokenLogprob, Usage
@@ -31,7 +31,7 @@ Emit = Callable[[list[tuple[str, GenOutput]]], None]
 class _Runtime:
     """Per-sequence state the scheduler does not need to know about."""
 
-    sampler: Sampler | None
+    sampler: Sampler | ArgmaxSampler | None
     text: TextAssembler
     eog_suppressed: bool
     logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -139,6 +139,35 @@ class Sampler:
             self._chain = None
 
 
+class ArgmaxSampler:
+    """Plain greedy decoding without a llama.cpp chain: argmax over the logits row.
+
+    The common case for benchmarks and deterministic use; it skips building a
+    candidate array of the whole vocabulary for every token.
+    """
+
+    __slots__ = ("_banned", "_model")
+
+    def __init__(self, model: LlamaCppModel, banned: np.ndarray | None) -> None:
+        self._model = model
+        self._banned = banned
+
+    def sample(self, batch_index: int) -> int:
+        row = self._model.logits_row(batch_index)
+        token = int(row.argmax())
+        if self._banned is not None and token in self._model.eog_ids:
+            row = row.copy()
+            row[self._banned] = -np.inf
+            token = int(row.argmax())
+        return token
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class LlamaCppModel:
     def __init__(self, path: Path, options: ContextOptions) -> None:
         _init_backend()
@@ -235,7 +264,17 @@ class LlamaCppModel:
     def clear_memory(self) -> None:
         ll.llama_memory_clear(self.memory, True)
 
-    def new_sampler(self, params: SamplingParams, *, suppress_eog: bool) -> Sampler:
+    def new_sampler(
+        self, params: SamplingParams, *, suppress_eog: bool
+    ) -> Sampler | ArgmaxSampler:
+        if (
+            params.greedy
+            and not params.logit_bias
+            and not params.presence_penalty
+            and not params.frequency_penalty
+        ):
+            banned = np.fromiter(self.eog_ids, dtype=np.int64) if suppress_eog else None
+            return ArgmaxSampler(self, banned)
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         bias = dict(params.logit_bias)
         if suppress_eog:
