@@ -264,9 +264,7 @@ class LlamaCppModel:
     def clear_memory(self) -> None:
         ll.llama_memory_clear(self.memory, True)
 
-    def new_sampler(
-        self, params: SamplingParams, *, suppress_eog: bool
-    ) -> Sampler | ArgmaxSampler:
+    def new_sampler(self, params: SamplingParams, *, suppress_eog: bool) -> Sampler | ArgmaxSampler:
         if (
             params.greedy
             and not params.logit_bias
