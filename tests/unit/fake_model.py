@@ -51,7 +51,7 @@ class FakeModel:
     n_ctx_train: int = 1024
     fail_at_step: int | None = None  # decode returns -1 on this step (1-based)
     steps: int = 0
-    removed: list[int] = field(default_factory=list)
+    removed: list[tuple[int, int]] = field(default_factory=list)  # (slot, keep)
 
     def __post_init__(self) -> None:
         self.pieces = PIECES
@@ -79,8 +79,8 @@ class FakeModel:
     def logits_row(self, batch_index: int) -> np.ndarray:
         return np.zeros(self.n_vocab, dtype=np.float32)
 
-    def remove_sequence(self, seq_id: int) -> None:
-        self.removed.append(seq_id)
+    def remove_sequence(self, seq_id: int, keep: int = 0) -> None:
+        self.removed.append((seq_id, keep))
 
     def clear_memory(self) -> None:
         pass

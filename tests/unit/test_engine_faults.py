@@ -87,10 +87,12 @@ async def test_abort_reports_consumed_tokens_and_frees_the_slot(engine_factory) 
     rest = await stream.drain()
     assert rest[-1].finish_reason is FinishReason.ABORT
     assert rest[-1].usage.completion_tokens >= 1
-    assert 0 in model.removed
-    # The only slot is free again.
+    # The only slot is free again, and its KV is reused: the new prompt "hi"
+    # shares its first token with the aborted "hi x x ...", the slot keeps it.
     outputs = await collect(engine, request(engine, max_tokens=2))
     assert outputs[-1].finish_reason is FinishReason.LENGTH
+    assert (0, 1) in model.removed
+    assert outputs[-1].usage.cached_tokens == 1
 
 
 async def test_decode_failure_errors_running_sequences_then_engine_recovers(engine_factory) -> None:

@@ -32,8 +32,11 @@ def make_scheduler(
     kv_capacity: int = 10_000,
     max_step_tokens: int = 64,
     prefill_chunk: int = 32,
+    prefix_cache: bool = False,
 ) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_running, kv_capacity, max_step_tokens, prefill_chunk))
+    return Scheduler(
+        SchedulerConfig(max_running, kv_capacity, max_step_tokens, prefill_chunk, prefix_cache)
+    )
 
 
 def run_step(sched: Scheduler, token: int = 7) -> StepPlan:
@@ -422,7 +425,8 @@ def workloads(draw: st.DrawFn) -> tuple[SchedulerConfig, list[tuple[int, int, in
     )
     requests = [(t, p, min(m, kv_capacity - p)) for t, p, m in sorted(requests, key=lambda r: r[0])]
     aborts = draw(st.sets(st.integers(0, len(requests) - 1), max_size=2))
-    cfg = SchedulerConfig(max_running, kv_capacity, max_step_tokens, prefill_chunk)
+    prefix_cache = draw(st.booleans())
+    cfg = SchedulerConfig(max_running, kv_capacity, max_step_tokens, prefill_chunk, prefix_cache)
     return cfg, requests, aborts
 
 
@@ -499,3 +503,83 @@ def test_random_workloads_keep_every_invariant(
             assert seq.num_generated == seq.request.params.max_tokens
         else:
             assert seq.finish_reason is FinishReason.ABORT
+
+
+# -- prefix cache ------------------------------------------------------------------
+
+
+def _run_to_finish(sched: Scheduler, seq: Sequence, outputs: int = 1) -> None:
+    """Admit and prefill ``seq``, sample ``outputs`` tokens, then finish it."""
+    sched.add(seq)
+    for _ in range(1000):
+        plan = sched.schedule()
+        sampled = {c.seq: 7 for c in plan.chunks if c.completes}
+        sched.update(plan, sampled)
+        if seq.num_generated >= outputs:
+            break
+    sched.finish(seq, FinishReason.STOP)
+
+
+def _prompted(tokens: list[int], request_id: str) -> Sequence:
+    return Sequence.from_request(
+        GenRequest(request_id, tuple(tokens), SamplingParams(max_tokens=8))
+    )
+
+
+def test_finished_sequence_leaves_its_prefix_for_the_next_prompt() -> None:
+    sched = make_scheduler(max_running=2, prefix_cache=True)
+    system = list(range(500, 540))
+    _run_to_finish(sched, _prompted([*system, 1, 2], "a"))
+    sched.take_kv_ops()
+    second = _prompted([*system, 3, 4, 5], "b")
+    sched.add(second)
+    plan = sched.schedule()
+    # Only the new tail is computed; the slot's KV is cut where the prompts part.
+    assert second.num_cached == len(system)
+    assert chunk_of(plan, second).start == len(system)
+    assert sched.take_kv_ops() == [(second.slot, len(system))]
+
+
+def test_the_slot_with_the_longest_shared_prefix_is_chosen() -> None:
+    sched = make_scheduler(max_running=3, prefix_cache=True)
+    a = _prompted([1, 2, 3, 4, 5, 6], "a")
+    b = _prompted([1, 2, 9, 9], "b")
+    _run_to_finish(sched, a)
+    _run_to_finish(sched, b)
+    c = _prompted([1, 2, 3, 4, 8], "c")
+    sched.add(c)
+    sched.schedule()
+    assert c.slot == a.slot
+    assert c.num_cached == 4
+
+
+def test_identical_prompt_still_computes_its_last_token() -> None:
+    sched = make_scheduler(max_running=1, prefix_cache=True)
+    _run_to_finish(sched, _prompted([1, 2, 3], "a"))
+    again = _prompted([1, 2, 3], "b")
+    sched.add(again)
+    plan = sched.schedule()
+    chunk = chunk_of(plan, again)
+    assert (chunk.start, chunk.end) == (2, 3) and chunk.completes
+
+
+def test_cached_prefixes_are_evicted_before_anyone_is_preempted() -> None:
+    sched = make_scheduler(max_running=3, kv_capacity=30, prefix_cache=True)
+    old = _prompted(list(range(1, 11)), "old")
+    _run_to_finish(sched, old)
+    sched.take_kv_ops()
+    assert sched.kv_cached() == 10
+    big = _prompted(list(range(100, 125)), "big")
+    sched.add(big)
+    plan = sched.schedule()
+    assert big in sched.running and not plan.preempted_slots
+    assert (old.slot, 0) in sched.take_kv_ops()
+    assert sched.kv_cached() == 0
+
+
+def test_without_prefix_cache_a_finished_slot_is_cleared() -> None:
+    sched = make_scheduler(max_running=1, prefix_cache=False)
+    seq = _prompted([1, 2, 3], "a")
+    _run_to_finish(sched, seq)
+    assert sched.take_kv_ops()[-1] == (seq.slot, 0)
+    assert sched.kv_cached() == 0

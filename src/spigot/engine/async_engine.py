@@ -38,7 +38,8 @@ class EngineOptions:
     max_queue: int = 64
     threads: int = 2
     batch_tokens: int = 512
-    prefill_chunk: int = 512
+    prefill_chunk: int = 256
+    prefix_cache: bool = True
 
 
 class RequestStream:
@@ -115,6 +116,7 @@ class AsyncEngine:
                 kv_capacity=self.model.n_ctx,
                 max_step_tokens=max(options.batch_tokens, options.parallel),
                 prefill_chunk=options.prefill_chunk,
+                prefix_cache=options.prefix_cache,
             )
         )
         self.core = EngineCore(self.model, scheduler, self._emit_from_thread)

@@ -19,7 +19,7 @@ import numpy as np
 
 from spigot.engine.llamacpp import ArgmaxSampler, LlamaCppModel, Sampler
 from spigot.engine.output import TextAssembler
-from spigot.engine.scheduler import Scheduler, Sequence, StepPlan
+from spigot.engine.scheduler import Scheduler, SeqStatus, Sequence, StepPlan
 from spigot.engine.types import FinishReason, GenOutput, GenRequest, TokenLogprob, Usage
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,12 @@ class EngineCore:
             log.exception("engine step failed")
             self._fail_all("the engine failed while generating")
             self.model.clear_memory()
+            self.scheduler.forget_cache()
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
-        for slot in plan.preempted_slots:
-            self.model.remove_sequence(slot)
+        for slot, keep in self.scheduler.take_kv_ops():
+            self.model.remove_sequence(slot, keep)
         if not plan.chunks:
             return
         batch = self.model.batch
@@ -160,16 +161,15 @@ class EngineCore:
         running = self.scheduler.running
         if len(running) <= 1:
             raise RuntimeError("no KV space for a single sequence")
-        victim = running[-1]
-        assert victim.slot is not None
-        self.model.remove_sequence(victim.slot)
-        self.scheduler.preempt(victim)
-        # Chunks of this failed step left no usable KV behind: recompute them too.
+        self.scheduler.preempt(running[-1])
+        # Chunks of this failed step may have left partial KV: recompute them.
         for chunk in plan.chunks:
             seq = chunk.seq
-            if seq.slot is not None and seq is not victim:
+            if seq.slot is not None and seq.status is SeqStatus.RUNNING:
                 self.model.remove_sequence(seq.slot)
                 seq.num_computed = 0
+        for slot, keep in self.scheduler.take_kv_ops():
+            self.model.remove_sequence(slot, keep)
 
     def _runtime(self, seq: Sequence) -> _Runtime:
         rt = seq.runtime
@@ -260,7 +260,7 @@ class EngineCore:
             text,
             logprobs or [],
             reason,
-            Usage(prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated),
+            Usage(seq.num_prompt, seq.num_generated, cached_tokens=seq.num_cached),
             error,
         )
 
@@ -273,8 +273,7 @@ class EngineCore:
         return taken
 
     def _release(self, seq: Sequence) -> None:
-        if seq.slot is not None:
-            self.model.remove_sequence(seq.slot)
+        # KV stays: the scheduler keeps it as a cached prefix or queues its removal.
         rt = seq.runtime
         if rt is not None and rt.sampler is not None:
             rt.sampler.close()

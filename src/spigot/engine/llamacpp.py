@@ -258,8 +258,9 @@ class LlamaCppModel:
         ptr = ll.llama_get_logits_ith(self.ctx, batch_index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def remove_sequence(self, seq_id: int) -> None:
-        ll.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+    def remove_sequence(self, seq_id: int, keep: int = 0) -> None:
+        """Drop a sequence's KV from position ``keep`` on (all of it by default)."""
+        ll.llama_memory_seq_rm(self.memory, seq_id, keep if keep > 0 else -1, -1)
 
     def clear_memory(self) -> None:
         ll.llama_memory_clear(self.memory, True)

@@ -13,6 +13,12 @@ Every step the scheduler:
    KV is dropped and they wait again, to be recomputed from their tokens
    (prompt plus what they generated), so no accepted request is lost.
 
+Prefix cache: a finished sequence leaves its KV in its slot. A new sequence
+takes the free slot whose cached tokens share the longest prefix with its
+prompt and computes only the rest (a shared system prompt, the earlier turns
+of a chat). Cached slots count against the KV pool and are evicted, least
+recently freed first, when room is needed.
+
 ``update`` then records what a step produced. No llama.cpp in here: tests
 drive it with hand-made tokens.
 """
@@ -39,6 +45,7 @@ class Sequence:
     tokens: list[int]
     num_prompt: int
     num_computed: int = 0  # tokens whose KV is in the cache
+    num_cached: int = 0  # prompt tokens found already computed at admission
     slot: int | None = None
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
@@ -78,7 +85,7 @@ class Chunk:
 @dataclass(slots=True)
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
-    preempted_slots: list[int] = field(default_factory=list)  # their KV must be dropped
+    preempted_slots: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -91,10 +98,29 @@ class SchedulerConfig:
     kv_capacity: int  # tokens in the shared KV pool
     max_step_tokens: int  # tokens one decode call may carry (n_batch)
     prefill_chunk: int  # most prompt tokens fed in one step, all sequences together
+    prefix_cache: bool = True  # finished sequences leave their KV for reuse
 
     def __post_init__(self) -> None:
         if self.max_step_tokens < self.max_running:
             raise ValueError("max_step_tokens must cover one decode token per running sequence")
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """A llama.cpp sequence id. While free it may keep the KV of its last
+    sequence (``cached``), for a later prompt that starts the same way."""
+
+    id: int
+    cached: list[int] = field(default_factory=list)
+    freed_at: int = 0  # step counter when it became free, for LRU eviction
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class Scheduler:
@@ -102,7 +128,16 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._free_slots: list[int] = list(range(config.max_running - 1, -1, -1))
+        self._slots = [Slot(i) for i in range(config.max_running)]
+        self._free: list[Slot] = list(reversed(self._slots))
+        self._clock = 0
+        self._kv_ops: list[tuple[int, int]] = []
+
+    def take_kv_ops(self) -> list[tuple[int, int]]:
+        """KV edits to apply before the next decode, in order: (slot, keep) drops
+        the slot's KV from position ``keep`` on (0 drops all of it)."""
+        ops, self._kv_ops = self._kv_ops, []
+        return ops
 
     # -- queue -----------------------------------------------------------------
 
@@ -113,10 +148,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def kv_used(self) -> int:
-        return sum(s.num_computed for s in self.running)
+        """Tokens held in the KV pool: running sequences plus cached prefixes."""
+        return sum(s.num_computed for s in self.running) + self.kv_cached()
+
+    def kv_cached(self) -> int:
+        return sum(len(slot.cached) for slot in self._free)
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Remove a sequence wherever it is; the caller frees its KV if it had a slot."""
+        """Remove a sequence wherever it is; what it computed stays cached in its slot."""
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
@@ -133,17 +172,30 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             assert seq.slot is not None
-            self._free_slots.append(seq.slot)
+            slot = self._slots[seq.slot]
+            if self.config.prefix_cache:
+                # The slot keeps the sequence's KV (prompt and output) for reuse.
+                slot.cached = seq.tokens[: seq.num_computed]
+            else:
+                self._kv_ops.append((slot.id, 0))
+            self._release(slot)
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
 
+    def forget_cache(self) -> None:
+        """Forget every cached prefix (the engine cleared its KV after a failure)."""
+        for slot in self._free:
+            slot.cached = []
+        self._kv_ops.clear()
+
     # -- one step --------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        self._admit()
+        self._clock += 1
+        self._admit(plan)
         self._preempt_if_full(plan)
 
         budget = self.config.max_step_tokens
@@ -173,23 +225,68 @@ class Scheduler:
             if token is not None:
                 seq.tokens.append(token)
 
-    def _admit(self) -> None:
-        # Room for every running sequence's tokens plus the one each will add.
-        used = sum(len(s.tokens) + 1 for s in self.running)
-        while self.waiting and self._free_slots:
+    def _release(self, slot: Slot) -> None:
+        slot.freed_at = self._clock
+        self._free.append(slot)
+
+    def _best_slot(self, tokens: list[int]) -> tuple[Slot, int]:
+        """The free slot to use, and how many of ``tokens`` its cache already holds.
+
+        The slot sharing the longest prefix wins, unless that would throw away
+        most of a cache that another prompt may want while an empty slot is
+        free; then an empty slot (or the least recently freed one) is used.
+        """
+        best, best_len = None, 0
+        for slot in self._free:
+            n = common_prefix_length(slot.cached, tokens)
+            if n > best_len:
+                best, best_len = slot, n
+        fallback = min(self._free, key=lambda s: (len(s.cached) > 0, s.freed_at))
+        if best is None or (2 * best_len < len(best.cached) and not fallback.cached):
+            best, best_len = fallback, 0
+        # At least one prompt token must be computed, for the logits to sample from.
+        return best, min(best_len, len(tokens) - 1)
+
+    def _admit(self, plan: StepPlan) -> None:
+        # Room for every running sequence's tokens plus the one each will add,
+        # plus what free slots keep cached (which can be evicted).
+        used = sum(len(s.tokens) + 1 for s in self.running) + self.kv_cached()
+        while self.waiting and self._free:
             seq = self.waiting[0]
-            need = len(seq.tokens) + 1
-            if used + need > self.config.kv_capacity and self.running:
+            slot, reuse = self._best_slot(seq.tokens)
+            used_after = used - len(slot.cached) + len(seq.tokens) + 1
+            for other in sorted(self._free, key=lambda s: s.freed_at):
+                if used_after <= self.config.kv_capacity:
+                    break
+                if other is not slot and other.cached:
+                    used_after -= len(other.cached)
+                    self._kv_ops.append((other.id, 0))
+                    other.cached = []
+            if used_after > self.config.kv_capacity and self.running:
                 break
             self.waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            self._free.remove(slot)
+            if reuse < len(slot.cached):
+                self._kv_ops.append((slot.id, reuse))
+            slot.cached = []
+            seq.slot = slot.id
             seq.status = SeqStatus.RUNNING
-            seq.num_computed = 0
+            seq.num_computed = reuse
+            if seq.num_generated == 0:
+                seq.num_cached = reuse
             self.running.append(seq)
-            used += need
+            used = used_after
 
     def _preempt_if_full(self, plan: StepPlan) -> None:
         # Each running sequence will hold all of its tokens after the step.
+        needed = sum(len(s.tokens) for s in self.running)
+        # Cached prefixes go first, least recently freed first.
+        for slot in sorted(self._free, key=lambda s: s.freed_at):
+            if needed + self.kv_cached() <= self.config.kv_capacity:
+                break
+            if slot.cached:
+                self._kv_ops.append((slot.id, 0))
+                slot.cached = []
         while len(self.running) > 1 and sum(len(s.tokens) for s in self.running) > (
             self.config.kv_capacity
         ):
@@ -204,7 +301,10 @@ class Scheduler:
             return
         self.running.remove(seq)
         assert seq.slot is not None
-        self._free_slots.append(seq.slot)
+        slot = self._slots[seq.slot]
+        slot.cached = []
+        self._kv_ops.append((slot.id, 0))
+        self._release(slot)
         seq.slot = None
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0

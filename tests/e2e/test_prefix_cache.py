@@ -1,0 +1,106 @@
+"""Prefix reuse on the real model: a shared prompt prefix is computed once, reported as cached."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+
+from tests.e2e.server import RunningServer, start_server
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    """A server with the default settings: prefix cache on."""
+    srv = start_server("--parallel", "4")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def ask(server: RunningServer, system: str, question: str, stream: bool = False) -> dict:
+    payload = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    if not stream:
+        r = httpx.post(f"{server.base_url}/chat/completions", json=payload, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+    payload |= {"stream": True, "stream_options": {"include_usage": True}}
+    usage = None
+    with httpx.stream(
+        "POST", f"{server.base_url}/chat/completions", json=payload, timeout=120
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"usage":{' in line:
+                usage = orjson.loads(line[6:])["usage"]
+    assert usage is not None
+    return usage
+
+
+def test_shared_system_prompt_is_reported_as_cached(server: RunningServer) -> None:
+    system = f"Session {uuid.uuid4()}. " + "You answer questions about lighthouses. " * 60
+    cold = ask(server, system, "What is a lighthouse?")
+    assert cold["prompt_tokens_details"]["cached_tokens"] == 0
+    warm = ask(server, system, "Who keeps a lighthouse?", stream=True)
+    cached = warm["prompt_tokens_details"]["cached_tokens"]
+    # Everything up to where the two conversations part is reused.
+    assert cached >= cold["prompt_tokens"] - 12
+    assert cached < warm["prompt_tokens"]
+
+
+def test_next_chat_turn_reuses_the_previous_turn(server: RunningServer) -> None:
+    messages = [
+        {"role": "system", "content": f"Conversation {uuid.uuid4()}."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    first = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0},
+        timeout=120,
+    ).json()
+    reply = first["choices"][0]["message"]["content"]
+    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another."}]
+    second = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 4, "temperature": 0},
+        timeout=120,
+    ).json()
+    assert (
+        second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+    )
+
+
+def test_streams_with_the_cache_on_and_repeats_are_stable_once_warm(server: RunningServer) -> None:
+    payload = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Story {uuid.uuid4()}: a lighthouse."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    url = f"{server.base_url}/chat/completions"
+    httpx.post(url, json=payload, timeout=120)  # warms the cache
+    texts = []
+    for _ in range(2):
+        texts.append(
+            httpx.post(url, json=payload, timeout=120).json()["choices"][0]["message"]["content"]
+        )
+        streamed = ""
+        with httpx.stream("POST", url, json={**payload, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    event = orjson.loads(line[6:])
+                    if event["choices"]:
+                        streamed += event["choices"][0]["delta"].get("content") or ""
+        texts.append(streamed)
+    assert texts[0]
+    assert len(set(texts)) == 1
