@@ -1,0 +1,68 @@
+"""Prefix reuse: time to first token of a cold request against a warm one sharing its prefix.
+
+Each round makes a fresh ~1,000-token system prompt, asks one question
+(cold: the whole prompt is computed) and then another with the same system
+prompt (warm: only the new turn is computed). Medians over rounds.
+
+    python -m spigot.bench.prefix --url http://127.0.0.1:8000/v1 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+
+import httpx
+
+from spigot.models import EMBEDDED_MODEL_ID
+
+SYSTEM_SENTENCE = "You are the keeper of a lighthouse and you answer questions about the sea. "
+
+
+def ttft(url: str, model: str, system: str, question: str) -> tuple[float, int]:
+    """Seconds to the first content chunk, and the cached tokens reported."""
+    payload = {
+        "model": model,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = None
+    cached = 0
+    with httpx.stream("POST", f"{url}/chat/completions", json=payload, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if first is None and '"content":"' in line and '"role"' not in line:
+                first = time.perf_counter() - start
+            if '"cached_tokens":' in line:
+                cached = int(line.split('"cached_tokens":')[1].split("}")[0])
+    assert first is not None
+    return first, cached
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", default=EMBEDDED_MODEL_ID)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sentences", type=int, default=62, help="~16 tokens each")
+    args = parser.parse_args()
+    cold, warm = [], []
+    for i in range(args.rounds):
+        system = f"Session {uuid.uuid4()}. " + SYSTEM_SENTENCE * args.sentences
+        c, _ = ttft(args.url, args.model, system, "What is a lighthouse?")
+        w, cached = ttft(args.url, args.model, system, "Who keeps a lighthouse?")
+        cold.append(c)
+        warm.append(w)
+        print(f"round {i + 1}: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms, cached {cached}")
+    c, w = statistics.median(cold), statistics.median(warm)
+    print(f"median TTFT: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms, warm/cold {w / c:.0%}")
+
+
+if __name__ == "__main__":
+    main()
