@@ -1,9 +1,10 @@
-"""The ``spigot`` command: serve, complete, chat."""
+"""The ``spigot`` command: serve, complete, chat, bench."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -87,7 +88,15 @@ def main() -> None:
     type=click.IntRange(1),
     envvar="SPIGOT_PREFILL_CHUNK",
     show_default=True,
-    help="Most prompt tokens processed per step, so long prompts do not stall running streams.",
+    help="Most prompt tokens processed per step while no other sequence is decoding.",
+)
+@click.option(
+    "--prefill-chunk-decoding",
+    default=32,
+    type=click.IntRange(1),
+    envvar="SPIGOT_PREFILL_CHUNK_DECODING",
+    show_default=True,
+    help="Most prompt tokens per step while other sequences decode, so their streams stay smooth.",
 )
 @click.option(
     "--prefix-cache/--no-prefix-cache",
@@ -112,6 +121,7 @@ def serve(
     max_queue: int,
     batch_tokens: int,
     prefill_chunk: int,
+    prefill_chunk_decoding: int,
     prefix_cache: bool,
     log_level: str,
     verbose_llama: bool,
@@ -153,6 +163,7 @@ def serve(
             threads=threads,
             batch_tokens=max(batch_tokens, parallel),
             prefill_chunk=prefill_chunk,
+            prefill_chunk_decoding=prefill_chunk_decoding,
             prefix_cache=prefix_cache,
         ),
         host=host,
@@ -304,7 +315,7 @@ def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int
         raise click.BadParameter("expected positive integers such as 1,2,4,8") from None
     if not levels or min(levels) < 1:
         raise click.BadParameter("expected positive integers such as 1,2,4,8")
-    return levels
+    return tuple(dict.fromkeys(levels))  # each level once, in the order given
 
 
 def _url_name(url: str) -> str:
@@ -469,10 +480,11 @@ def bench_run(
     import asyncio
     import json
 
-    from spigot.bench.load import BenchConfig, Target, error_kinds, error_totals, run_bench
+    from spigot.bench.load import BenchConfig, Target, run_bench
     from spigot.bench.plot import plot
     from spigot.bench.progress import Progress
     from spigot.bench.report import markdown
+    from spigot.bench.results import error_kinds, error_totals
     from spigot.client import default_base_url
 
     if requests is not None and duration is not None:

@@ -583,3 +583,28 @@ def test_without_prefix_cache_a_finished_slot_is_cleared() -> None:
     _run_to_finish(sched, seq)
     assert sched.take_kv_ops()[-1] == (seq.slot, 0)
     assert sched.kv_cached() == 0
+
+
+def test_prefill_chunk_is_smaller_while_others_decode() -> None:
+    sched = Scheduler(
+        SchedulerConfig(
+            max_running=2,
+            kv_capacity=10_000,
+            max_step_tokens=512,
+            prefill_chunk=100,
+            prefill_chunk_decoding=10,
+        )
+    )
+    first = make_seq(300, request_id="first")
+    sched.add(first)
+    plan = sched.schedule()
+    assert chunk_of(plan, first).end == 100  # nobody decodes: the full chunk
+    sched.update(plan, {})
+    while first.num_generated == 0:
+        plan = sched.schedule()
+        sched.update(plan, {c.seq: 5 for c in plan.chunks if c.completes})
+    second = make_seq(300, request_id="second")
+    sched.add(second)
+    plan = sched.schedule()
+    assert chunk_of(plan, first).end - chunk_of(plan, first).start == 1
+    assert chunk_of(plan, second).end == 10  # first is decoding: the small chunk

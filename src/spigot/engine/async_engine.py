@@ -39,6 +39,7 @@ class EngineOptions:
     threads: int = 2
     batch_tokens: int = 512
     prefill_chunk: int = 256
+    prefill_chunk_decoding: int = 32
     prefix_cache: bool = True
 
 
@@ -117,6 +118,7 @@ class AsyncEngine:
                 max_step_tokens=max(options.batch_tokens, options.parallel),
                 prefill_chunk=options.prefill_chunk,
                 prefix_cache=options.prefix_cache,
+                prefill_chunk_decoding=options.prefill_chunk_decoding,
             )
         )
         self.core = EngineCore(self.model, scheduler, self._emit_from_thread)

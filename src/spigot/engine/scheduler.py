@@ -99,6 +99,10 @@ class SchedulerConfig:
     max_step_tokens: int  # tokens one decode call may carry (n_batch)
     prefill_chunk: int  # most prompt tokens fed in one step, all sequences together
     prefix_cache: bool = True  # finished sequences leave their KV for reuse
+    # Most prompt tokens per step while other sequences are decoding (None:
+    # prefill_chunk). Smaller keeps their inter-token latency smooth: on a CPU
+    # a few dozen prompt tokens cost as much as a whole decode step.
+    prefill_chunk_decoding: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_step_tokens < self.max_running:
@@ -204,7 +208,10 @@ class Scheduler:
             if seq.num_pending == 1 and seq.num_computed > 0:
                 plan.chunks.append(Chunk(seq, seq.num_computed, seq.num_computed + 1))
                 budget -= 1
-        prefill = min(budget, self.config.prefill_chunk)
+        chunk = self.config.prefill_chunk
+        if plan.chunks and self.config.prefill_chunk_decoding is not None:
+            chunk = self.config.prefill_chunk_decoding
+        prefill = min(budget, chunk)
         for seq in self.running:
             if prefill <= 0:
                 break
