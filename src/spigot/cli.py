@@ -105,6 +105,15 @@ def main() -> None:
     show_default=True,
     help="Reuse the KV of a shared prompt prefix across requests (reported as cached_tokens).",
 )
+@click.option(
+    "--prefix-cache-tokens",
+    default=0,
+    type=click.IntRange(0),
+    envvar="SPIGOT_PREFIX_CACHE_TOKENS",
+    show_default=True,
+    help="KV tokens kept for prefixes no running sequence shares. Each decode step attends "
+    "over them, so more keeps more distinct prefixes warm at a cost in speed.",
+)
 @click.option("--log-level", default="info", envvar="SPIGOT_LOG_LEVEL", show_default=True)
 @click.option(
     "--verbose-llama", is_flag=True, envvar="SPIGOT_VERBOSE_LLAMA", help="Show llama.cpp logs."
@@ -123,6 +132,7 @@ def serve(
     prefill_chunk: int,
     prefill_chunk_decoding: int,
     prefix_cache: bool,
+    prefix_cache_tokens: int,
     log_level: str,
     verbose_llama: bool,
 ) -> None:
@@ -165,6 +175,7 @@ def serve(
             prefill_chunk=prefill_chunk,
             prefill_chunk_decoding=prefill_chunk_decoding,
             prefix_cache=prefix_cache,
+            prefix_cache_tokens=prefix_cache_tokens,
         ),
         host=host,
         port=port,

@@ -33,9 +33,17 @@ def make_scheduler(
     max_step_tokens: int = 64,
     prefill_chunk: int = 32,
     prefix_cache: bool = False,
+    prefix_cache_tokens: int = 0,
 ) -> Scheduler:
     return Scheduler(
-        SchedulerConfig(max_running, kv_capacity, max_step_tokens, prefill_chunk, prefix_cache)
+        SchedulerConfig(
+            max_running,
+            kv_capacity,
+            max_step_tokens,
+            prefill_chunk,
+            prefix_cache,
+            prefix_cache_tokens=prefix_cache_tokens,
+        )
     )
 
 
@@ -541,7 +549,7 @@ def test_finished_sequence_leaves_its_prefix_for_the_next_prompt() -> None:
 
 
 def test_the_slot_with_the_longest_shared_prefix_is_chosen() -> None:
-    sched = make_scheduler(max_running=3, prefix_cache=True)
+    sched = make_scheduler(max_running=3, prefix_cache=True, prefix_cache_tokens=100)
     a = _prompted([1, 2, 3, 4, 5, 6], "a")
     b = _prompted([1, 2, 9, 9], "b")
     _run_to_finish(sched, a)
@@ -608,3 +616,28 @@ def test_prefill_chunk_is_smaller_while_others_decode() -> None:
     plan = sched.schedule()
     assert chunk_of(plan, first).end - chunk_of(plan, first).start == 1
     assert chunk_of(plan, second).end == 10  # first is decoding: the small chunk
+
+
+def test_without_a_cache_budget_an_unrelated_prompt_replaces_the_oldest_cache() -> None:
+    # Cached KV costs attention time at every step: with no budget for extra
+    # prefixes, a prompt that matches nothing reuses a cached slot rather
+    # than an empty one, so the pool holds only what active slots left.
+    sched = make_scheduler(max_running=3, prefix_cache=True, prefix_cache_tokens=0)
+    a = _prompted([1, 2, 3, 4], "a")
+    _run_to_finish(sched, a)
+    b = _prompted([7, 8, 9], "b")
+    sched.add(b)
+    sched.schedule()
+    assert b.slot == a.slot and b.num_cached == 0
+    assert sched.kv_cached() == 0
+
+
+def test_a_cache_budget_keeps_several_prefixes() -> None:
+    sched = make_scheduler(max_running=3, prefix_cache=True, prefix_cache_tokens=100)
+    a = _prompted([1, 2, 3, 4], "a")
+    _run_to_finish(sched, a)
+    b = _prompted([7, 8, 9], "b")
+    sched.add(b)
+    sched.schedule()
+    assert b.slot != a.slot
+    assert sched.kv_cached() == 4  # a's prompt (its sampled token never reached the KV)

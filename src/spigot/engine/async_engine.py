@@ -41,6 +41,7 @@ class EngineOptions:
     prefill_chunk: int = 256
     prefill_chunk_decoding: int = 32
     prefix_cache: bool = True
+    prefix_cache_tokens: int = 0
 
 
 class RequestStream:
@@ -119,6 +120,7 @@ class AsyncEngine:
                 prefill_chunk=options.prefill_chunk,
                 prefix_cache=options.prefix_cache,
                 prefill_chunk_decoding=options.prefill_chunk_decoding,
+                prefix_cache_tokens=options.prefix_cache_tokens,
             )
         )
         self.core = EngineCore(self.model, scheduler, self._emit_from_thread)

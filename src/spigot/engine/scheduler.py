@@ -99,6 +99,8 @@ class SchedulerConfig:
     max_step_tokens: int  # tokens one decode call may carry (n_batch)
     prefill_chunk: int  # most prompt tokens fed in one step, all sequences together
     prefix_cache: bool = True  # finished sequences leave their KV for reuse
+    # Tokens that cached prefixes may hold beyond what a new prompt can reuse.
+    prefix_cache_tokens: int = 0
     # Most prompt tokens per step while other sequences are decoding (None:
     # prefill_chunk). Smaller keeps their inter-token latency smooth: on a CPU
     # a few dozen prompt tokens cost as much as a whole decode step.
@@ -239,17 +241,28 @@ class Scheduler:
     def _best_slot(self, tokens: list[int]) -> tuple[Slot, int]:
         """The free slot to use, and how many of ``tokens`` its cache already holds.
 
-        The slot sharing the longest prefix wins, unless that would throw away
-        most of a cache that another prompt may want while an empty slot is
-        free; then an empty slot (or the least recently freed one) is used.
+        The slot sharing the longest prefix wins. Without a useful match, an
+        empty slot is taken while the cached prefixes stay within
+        ``prefix_cache_tokens``; beyond that the least recently freed cache is
+        replaced. Cached KV is not free: every decode step attends over the
+        whole used pool, so caches kept for nobody slow everyone down.
         """
         best, best_len = None, 0
         for slot in self._free:
             n = common_prefix_length(slot.cached, tokens)
             if n > best_len:
                 best, best_len = slot, n
-        fallback = min(self._free, key=lambda s: (len(s.cached) > 0, s.freed_at))
-        if best is None or (2 * best_len < len(best.cached) and not fallback.cached):
+        empty = next((slot for slot in self._free if not slot.cached), None)
+        within_budget = self.kv_cached() + len(tokens) <= self.config.prefix_cache_tokens
+        if empty is not None and (
+            within_budget or len(self._free) == 1 or not any(slot.cached for slot in self._free)
+        ):
+            fallback = empty
+        else:
+            fallback = min((slot for slot in self._free if slot.cached), key=lambda s: s.freed_at)
+        # A match that would throw most of a cache away is not worth it while
+        # an empty slot may be used instead.
+        if best is None or (2 * best_len < len(best.cached) and fallback is empty):
             best, best_len = fallback, 0
         # At least one prompt token must be computed, for the logits to sample from.
         return best, min(best_len, len(tokens) - 1)
