@@ -50,6 +50,7 @@ class FakeModel:
     n_ctx: int = 1024
     n_ctx_train: int = 1024
     fail_at_step: int | None = None  # decode returns -1 on this step (1-based)
+    full_at_step: int | None = None  # decode returns 1 (no KV room) on this step
     steps: int = 0
     removed: list[tuple[int, int]] = field(default_factory=list)  # (slot, keep)
 
@@ -74,6 +75,8 @@ class FakeModel:
         self.steps += 1
         if self.fail_at_step is not None and self.steps == self.fail_at_step:
             return -1
+        if self.full_at_step is not None and self.steps == self.full_at_step:
+            return 1
         return 0
 
     def logits_row(self, batch_index: int) -> np.ndarray:

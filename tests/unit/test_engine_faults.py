@@ -109,6 +109,15 @@ async def test_decode_failure_errors_running_sequences_then_engine_recovers(engi
     assert outputs[-1].finish_reason is FinishReason.LENGTH
 
 
+async def test_kv_pool_full_is_recovered_without_losing_anyone(engine_factory) -> None:
+    model = FakeModel(full_at_step=3)
+    engine = engine_factory(model)
+    outputs = await collect(engine, request(engine), request(engine, choice=1))
+    texts = ["".join(o.text for o in outputs if o.choice_index == i) for i in (0, 1)]
+    assert texts == ["hello world", "hello world"]
+    assert all(o.finish_reason is not FinishReason.ERROR for o in outputs)
+
+
 @pytest.fixture
 async def app_client(engine_factory) -> AsyncIterator[httpx.AsyncClient]:
     engine = engine_factory(FakeModel(script=[token_of("x")], fail_at_step=4))

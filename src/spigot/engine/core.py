@@ -19,7 +19,7 @@ import numpy as np
 
 from spigot.engine.llamacpp import ArgmaxSampler, LlamaCppModel, Sampler
 from spigot.engine.output import TextAssembler
-from spigot.engine.scheduler import Scheduler, SeqStatus, Sequence, StepPlan
+from spigot.engine.scheduler import Scheduler, Sequence
 from spigot.engine.types import FinishReason, GenOutput, GenRequest, TokenLogprob, Usage
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class EngineCore:
         rc = self.model.decode()
         self.steps += 1
         if rc == 1:
-            self._recover_from_full_kv(plan)
+            self._recover_from_full_kv()
             return
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
@@ -155,19 +155,15 @@ class EngineCore:
         if outputs:
             self._emit(outputs)
 
-    def _recover_from_full_kv(self, plan: StepPlan) -> None:
-        # The pool is fragmented or fuller than our count: recompute the newest
-        # sequence later rather than fail anyone.
-        running = self.scheduler.running
-        if len(running) <= 1:
-            raise RuntimeError("no KV space for a single sequence")
-        self.scheduler.preempt(running[-1])
-        # Chunks of this failed step may have left partial KV: recompute them.
-        for chunk in plan.chunks:
-            seq = chunk.seq
-            if seq.slot is not None and seq.status is SeqStatus.RUNNING:
-                self.model.remove_sequence(seq.slot)
-                seq.num_computed = 0
+    def _recover_from_full_kv(self) -> None:
+        # llama.cpp found no room for the batch (the pool is fragmented or
+        # fuller than the scheduler's count) and wrote nothing: free cached
+        # prefixes, or else recompute the newest sequence later, and retry.
+        if not self.scheduler.evict_caches():
+            running = self.scheduler.running
+            if len(running) <= 1:
+                raise RuntimeError("no KV space for a single sequence")
+            self.scheduler.preempt(running[-1])
         for slot, keep in self.scheduler.take_kv_ops():
             self.model.remove_sequence(slot, keep)
 

@@ -190,6 +190,16 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
 
+    def evict_caches(self) -> bool:
+        """Queue the removal of every cached prefix; False if there was none."""
+        evicted = False
+        for slot in self._free:
+            if slot.cached:
+                self._kv_ops.append((slot.id, 0))
+                slot.cached = []
+                evicted = True
+        return evicted
+
     def forget_cache(self) -> None:
         """Forget every cached prefix (the engine cleared its KV after a failure)."""
         for slot in self._free:
