@@ -1,8 +1,8 @@
 """A small streaming client for any OpenAI-compatible server, over httpx.
 
 Used by ``spigot complete`` and ``spigot chat``. It reads server-sent events
-the way the OpenAI SDKs do: ``data:`` lines, comments ignored, ``[DONE]`` ends
-the stream, an ``{"error": ...}`` event raises.
+with ``spigot.sse_parser``: ``data:`` lines, comments ignored, ``[DONE]`` ends
+the stream; an ``{"error": ...}`` event raises.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 import orjson
+
+from spigot.sse_parser import iter_sse_data
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
@@ -28,43 +30,6 @@ def default_base_url() -> str:
     return (
         os.environ.get("SPIGOT_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     )
-
-
-def iter_lines(chunks: Iterator[bytes]) -> Iterator[str]:
-    """Lines split on LF (a trailing CR dropped), as event streams are written.
-
-    Not ``str.splitlines``: JSON may carry U+2028 or U+0085 unescaped, and
-    those are not line breaks in an event stream.
-    """
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            yield line.removesuffix(b"\r").decode("utf-8")
-    if buffer:
-        yield buffer.removesuffix(b"\r").decode("utf-8")
-
-
-def iter_sse_data(lines: Iterator[str]) -> Iterator[str]:
-    """The data payload of each event, in order; stops at ``[DONE]``."""
-    data: list[str] = []
-    for line in lines:
-        if line == "":
-            if data:
-                payload = "\n".join(data)
-                data = []
-                if payload == "[DONE]":
-                    return
-                yield payload
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        if field == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data and "\n".join(data) != "[DONE]":
-        yield "\n".join(data)
 
 
 def _error_message(body: Any, fallback: str) -> str:
@@ -105,7 +70,7 @@ class StreamingClient:
                 raise APIError(
                     _error_message(body, f"HTTP {response.status_code}"), response.status_code, body
                 )
-            for data in iter_sse_data(iter_lines(response.iter_bytes())):
+            for data in iter_sse_data(response.iter_bytes()):
                 event = orjson.loads(data)
                 if isinstance(event, dict) and "error" in event:
                     raise APIError(_error_message(event, "stream failed"), None, event)

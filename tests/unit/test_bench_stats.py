@@ -28,7 +28,6 @@ from spigot.bench.request import (
     send_request,
 )
 from spigot.bench.results import error_totals
-from spigot.bench.sse import SSEParser
 from spigot.bench.stats import (
     LevelRun,
     aggregate_level,
@@ -44,6 +43,7 @@ from spigot.bench.workloads import (
     load_workload,
     parse_prompt_set,
 )
+from spigot.sse_parser import SSEParser
 
 # -- percentiles ---------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spigot.api.sse import DONE, data_event
-from spigot.client import APIError, StreamingClient, iter_lines, iter_sse_data
+from spigot.client import APIError, StreamingClient
+from spigot.sse_parser import iter_sse_data
 
 # orjson writes these raw inside JSON strings; str.splitlines() breaks lines at them.
 UNICODE_LINE_BREAKS = ("\u0085".encode(), "\u2028".encode(), "\u2029".encode())
@@ -76,41 +77,24 @@ def streams(draw: st.DrawFn) -> tuple[list[Any], list[bytes]]:
     return objs, [body[a:b] for a, b in itertools.pairwise(points)]
 
 
-def sse_lines(pieces: list[bytes]) -> Iterator[str]:
-    """Lines as the SSE spec splits them (CR LF, LF or CR), from arbitrary byte pieces."""
-    buffer = b""
-    for piece in pieces:
-        buffer += piece
-        *lines, buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        yield from (line.decode() for line in lines)
-    if buffer:
-        yield buffer.decode()
-
-
 @settings(max_examples=300, deadline=None)
 @given(streams())
 def test_frames_round_trip_through_the_parser(case: tuple[list[Any], list[bytes]]) -> None:
     objs, pieces = case
-    payloads = list(iter_sse_data(sse_lines(pieces)))
-    assert [orjson.loads(p) for p in payloads] == objs
-
-
-@settings(max_examples=300, deadline=None)
-@given(streams())
-def test_frames_round_trip_through_client_line_splitter(
-    case: tuple[list[Any], list[bytes]],
-) -> None:
     # What StreamingClient does, U+2028 and friends in the text included.
-    objs, pieces = case
-    payloads = list(iter_sse_data(iter_lines(iter(pieces))))
+    payloads = list(iter_sse_data(iter(pieces)))
     assert [orjson.loads(p) for p in payloads] == objs
 
 
 # -- parser --------------------------------------------------------------------
 
 
+def as_chunks(lines: list[str]) -> Iterator[bytes]:
+    return iter([(line + "\n").encode() for line in lines])
+
+
 def parse(lines: list[str]) -> list[str]:
-    return list(iter_sse_data(iter(lines)))
+    return list(iter_sse_data(as_chunks(lines)))
 
 
 def test_parser_yields_each_event() -> None:
@@ -144,9 +128,9 @@ def test_parser_ignores_other_fields() -> None:
 
 
 def test_parser_stops_at_done_without_reading_further() -> None:
-    lines = iter(["data: a", "", "data: [DONE]", "", "data: after", ""])
-    assert list(iter_sse_data(lines)) == ["a"]
-    assert list(lines) == ["data: after", ""]
+    chunks = as_chunks(["data: a", "", "data: [DONE]", "", "data: after", ""])
+    assert list(iter_sse_data(chunks)) == ["a"]
+    assert list(chunks) == [b"data: after\n", b"\n"]
 
 
 def test_parser_yields_last_event_without_trailing_blank_line() -> None:

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import httpx
 import orjson
 
-from spigot.bench.sse import SSEParser
 from spigot.bench.workloads import Prompt
+from spigot.sse_parser import SSEParser
 
 Endpoint = Literal["chat", "completions"]
 ENDPOINT_PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}

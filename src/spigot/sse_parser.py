@@ -1,8 +1,8 @@
-"""An incremental server-sent-event parser for the load generator.
+"""Reading server-sent events, the way OpenAI's SDKs do.
 
-``spigot.client`` pulls lines from a synchronous iterator; the bench needs the
-opposite shape: bytes are pushed in as they arrive (so each event can be
-timestamped), and the data payloads that became complete come back.
+Bytes are pushed in as they arrive (so a caller can timestamp each event) and
+the data payloads they completed come back. ``spigot.client`` and
+``spigot bench`` both read streams with it.
 
 Lines are split on LF only, a trailing CR dropped, as event streams are
 written. Not ``str.splitlines``: JSON may carry U+2028 or U+0085 unescaped,
@@ -10,6 +10,8 @@ and those are not line breaks in an event stream.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 DONE = "[DONE]"
 
@@ -66,3 +68,13 @@ class SSEParser:
             self.done = True
         elif not self.done:
             payloads.append(payload)
+
+
+def iter_sse_data(chunks: Iterator[bytes]) -> Iterator[str]:
+    """The data payload of each event in a byte stream; stops at ``[DONE]``."""
+    parser = SSEParser()
+    for chunk in chunks:
+        yield from parser.feed(chunk)
+        if parser.done:
+            return
+    yield from parser.close()
