@@ -263,13 +263,12 @@ class Scheduler:
             if n > best_len:
                 best, best_len = slot, n
         empty = next((slot for slot in self._free if not slot.cached), None)
+        cached = [slot for slot in self._free if slot.cached]
         within_budget = self.kv_cached() + len(tokens) <= self.config.prefix_cache_tokens
-        if empty is not None and (
-            within_budget or len(self._free) == 1 or not any(slot.cached for slot in self._free)
-        ):
+        if empty is not None and (within_budget or not cached):
             fallback = empty
         else:
-            fallback = min((slot for slot in self._free if slot.cached), key=lambda s: s.freed_at)
+            fallback = min(cached, key=lambda s: s.freed_at)
         # A match that would throw most of a cache away is not worth it while
         # an empty slot may be used instead.
         if best is None or (2 * best_len < len(best.cached) and fallback is empty):
