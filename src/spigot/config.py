@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from spigot.engine.async_engine import EngineOptions
+from spigot.guard import Policy
 from spigot.models import ModelSpec
 
 
@@ -18,3 +19,4 @@ class Settings:
     openai_aliases: bool = True
     aliases: tuple[tuple[str, str], ...] = ()  # (pattern, model id)
     log_level: str = "info"
+    guard: Policy | None = None  # guardrails on prompts and replies

@@ -27,7 +27,16 @@ def build_state(settings: Settings) -> ServerState:
         first = settings.models[0].id
         for pattern in OPENAI_NAME_PATTERNS:
             aliases.setdefault(pattern, first)
-    return ServerState(engines=engines, router=ModelRouter(list(engines), aliases))
+    if settings.guard is not None:
+        log.info(
+            "guard policy %s: %d output rule(s), %d input rule(s)",
+            settings.guard.source,
+            len(settings.guard.output.rules),
+            len(settings.guard.input.rules),
+        )
+    return ServerState(
+        engines=engines, router=ModelRouter(list(engines), aliases), guard=settings.guard
+    )
 
 
 def build_app(settings: Settings) -> FastAPI:

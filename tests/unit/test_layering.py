@@ -117,3 +117,17 @@ def test_rules_catch_a_violation() -> None:
         ]
     finally:
         del MODULES["spigot.engine._probe"]
+
+
+def test_the_guard_stands_alone() -> None:
+    """spigot.guard wraps streams from any server, so it needs nothing else of spigot."""
+    assert any(names(m, "spigot.guard") for m in MODULES)
+    assert (
+        violations(
+            None,
+            ("spigot.api", "spigot.engine", "spigot.server", "spigot.cli", "spigot.bench"),
+            scope="spigot.guard",
+        )
+        == []
+    )
+    assert violations(None, ("fastapi", "starlette", "llama_cpp"), scope="spigot.guard") == []

@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
@@ -102,13 +103,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return json_response(
-            {
-                "status": "ok",
-                "version": __version__,
-                "models": {name: e.stats() for name, e in state.engines.items()},
+        body: dict[str, Any] = {
+            "status": "ok",
+            "version": __version__,
+            "models": {name: e.stats() for name, e in state.engines.items()},
+        }
+        if state.guard is not None:
+            body["guard"] = {
+                "policy": state.guard.source,
+                "rules": [r.id for r in state.guard.rules],
+                "trips": state.guard_counters.snapshot(),
             }
-        )
+        return json_response(body)
 
     app.add_exception_handler(SpigotError, _spigot_error)
     app.add_exception_handler(HTTPException, _http_error)

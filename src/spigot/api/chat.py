@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from spigot.api.guarding import check_logprobs, guard_inputs, output_guard
 from spigot.api.responses import json_response
 from spigot.api.schemas import ChatCompletionRequest
 from spigot.api.sse import EventStreamResponse
@@ -92,8 +93,19 @@ async def create_chat_completion(request: Request) -> Response:
     engine = state.engine_for(body.model)
     n = body.choices
     check_choices(engine, n)
+    check_logprobs(state.guard, bool(body.logprobs), param="logprobs")
+    messages = [m.for_template() for m in body.messages]
+    contents = guard_inputs(
+        state.guard,
+        state.guard_counters,
+        request.state.request_id,
+        [m["content"] for m in messages],
+        param="messages",
+    )
+    for message, content in zip(messages, contents, strict=True):
+        message["content"] = content
     try:
-        rendered = engine.render_chat([m.for_template() for m in body.messages])
+        rendered = engine.render_chat(messages)
     except ChatTemplateError as exc:
         raise InvalidRequest(str(exc), param="messages") from None
     prompt = tuple(engine.tokenize_chat(rendered))
@@ -128,6 +140,7 @@ async def create_chat_completion(request: Request) -> Response:
     )
     completion_id = new_id("chatcmpl")
     created = int(time.time())
+    guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, n)
     if body.stream:
         fmt = ChatChunks(completion_id, created, engine.model_id, bool(body.logprobs))
         return EventStreamResponse(
@@ -138,11 +151,12 @@ async def create_chat_completion(request: Request) -> Response:
                 record=record,
                 choices=n,
                 include_usage=body.include_usage,
+                guard=guard,
             )
         )
 
     per_choice = await collect(
-        request=request, state=state, stream=stream, record=record, choices=n
+        request=request, state=state, stream=stream, record=record, choices=n, guard=guard
     )
     choices = []
     for i, outputs in enumerate(per_choice):

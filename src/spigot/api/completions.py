@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from spigot.api.guarding import check_logprobs, guard_inputs, output_guard
 from spigot.api.responses import json_response
 from spigot.api.schemas import CompletionRequest
 from spigot.api.sse import EventStreamResponse
@@ -32,7 +33,7 @@ router = APIRouter()
 @dataclass(slots=True)
 class _Prompt:
     token_ids: tuple[int, ...]
-    text: str  # for echo
+    text: str  # what the model sees (after input rules), and what echo sends
 
 
 class LogprobsWriter:
@@ -40,9 +41,6 @@ class LogprobsWriter:
 
     def __init__(self, choices: int) -> None:
         self._offsets = [0] * choices
-
-    def advance(self, choice: int, text: str) -> None:
-        self._offsets[choice] += len(text)
 
     def build(self, choice: int, entries: list[TokenLogprob]) -> dict[str, Any]:
         offsets = []
@@ -67,7 +65,6 @@ class CompletionChunks:
         completion_id: str,
         created: int,
         model: str,
-        echo_texts: list[str] | None,
         logprobs: LogprobsWriter | None,
     ) -> None:
         self._head = {
@@ -76,7 +73,6 @@ class CompletionChunks:
             "created": created,
             "model": model,
         }
-        self._echo = echo_texts
         self._logprobs = logprobs
 
     def _chunk(self, choice: int, text: str, logprobs: Any, reason: str | None) -> dict[str, Any]:
@@ -89,12 +85,7 @@ class CompletionChunks:
         }
 
     def opening(self, choice: int) -> dict[str, Any] | None:
-        if self._echo is None:
-            return None
-        text = self._echo[choice]
-        if self._logprobs is not None:
-            self._logprobs.advance(choice, text)
-        return self._chunk(choice, text, None, None)
+        return None  # an echoed prompt is sent as the first text (see ``stream_events``)
 
     def content(self, output: GenOutput) -> dict[str, Any]:
         logprobs = None
@@ -110,18 +101,29 @@ class CompletionChunks:
         return {**self._head, "choices": [], "usage": usage}
 
 
-def _prepare_prompts(engine: AsyncEngine, body: CompletionRequest) -> list[_Prompt]:
-    prompts: list[_Prompt] = []
+def _prepare_prompts(
+    engine: AsyncEngine, body: CompletionRequest, state: ServerState, request_id: str
+) -> list[_Prompt]:
+    tokens: list[tuple[int, ...] | None] = []
+    texts: list[str] = []
     for i, p in enumerate(body.prompts()):
         if isinstance(p, str):
-            prompts.append(_Prompt(tuple(engine.tokenize_prompt(p)), p))
+            tokens.append(None)
+            texts.append(p)
             continue
         bad = next((t for t in p if not 0 <= t < engine.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"Invalid token id {bad} in 'prompt'.", param="prompt")
         if not p:
             raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")
-        prompts.append(_Prompt(tuple(p), engine.detokenize(p)))
+        tokens.append(tuple(p))
+        texts.append(engine.detokenize(p))
+    checked = guard_inputs(state.guard, state.guard_counters, request_id, texts, param="prompt")
+    prompts: list[_Prompt] = []
+    for token_ids, text, seen in zip(tokens, texts, checked, strict=True):
+        if token_ids is None or seen != text:  # a string, or tokens an input rule rewrote
+            token_ids = tuple(engine.tokenize_prompt(seen))
+        prompts.append(_Prompt(token_ids, seen))
     return prompts
 
 
@@ -132,7 +134,8 @@ async def create_completion(request: Request) -> Response:
     body.check()
     engine = state.engine_for(body.model)
     n = body.choices
-    prompts = _prepare_prompts(engine, body)
+    check_logprobs(state.guard, body.logprobs is not None, param="logprobs")
+    prompts = _prepare_prompts(engine, body, state, request.state.request_id)
     total = n * len(prompts)
     check_choices(engine, total)
 
@@ -164,9 +167,11 @@ async def create_completion(request: Request) -> Response:
     )
     completion_id = new_id("cmpl")
     created = int(time.time())
-    echo_texts = [prompts[c // n].text for c in range(total)] if body.echo else None
+    # An echoed prompt is completion text like any other: output rules see it too.
+    echoes = [GenOutput(c, prompts[c // n].text) for c in range(total)] if body.echo else []
     logprobs = LogprobsWriter(total) if body.logprobs is not None else None
-    fmt = CompletionChunks(completion_id, created, engine.model_id, echo_texts, logprobs)
+    fmt = CompletionChunks(completion_id, created, engine.model_id, logprobs)
+    guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, total)
     if body.stream:
         return EventStreamResponse(
             stream_events(
@@ -176,19 +181,26 @@ async def create_completion(request: Request) -> Response:
                 record=record,
                 choices=total,
                 include_usage=body.include_usage,
+                guard=guard,
+                preamble=echoes,
             )
         )
 
     per_choice = await collect(
-        request=request, state=state, stream=stream, record=record, choices=total
+        request=request,
+        state=state,
+        stream=stream,
+        record=record,
+        choices=total,
+        guard=guard,
+        preamble=echoes,
     )
     choices = []
     for i, outputs in enumerate(per_choice):
-        prefix = echo_texts[i] if echo_texts is not None else ""
         entries = [e for o in outputs for e in o.logprobs]
         choices.append(
             {
-                "text": prefix + "".join(o.text for o in outputs),
+                "text": "".join(o.text for o in outputs),
                 "index": i,
                 "logprobs": LogprobsWriter(1).build(0, entries) if logprobs is not None else None,
                 "finish_reason": finish_reason_of(outputs),

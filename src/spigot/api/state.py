@@ -13,10 +13,12 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from spigot.api.guarding import GuardCounters
 from spigot.api.validation import validation_error
 from spigot.engine.async_engine import AsyncEngine
 from spigot.engine.types import Usage
 from spigot.errors import ContextLengthExceeded, InvalidRequest, ModelNotFoundError
+from spigot.guard import Policy
 from spigot.models import ModelNotFound, ModelRouter
 
 log = logging.getLogger("spigot.requests")
@@ -79,6 +81,8 @@ class ServerState:
     engines: dict[str, AsyncEngine]
     router: ModelRouter
     observers: list[UsageObserver] = field(default_factory=lambda: [log_record])
+    guard: Policy | None = None
+    guard_counters: GuardCounters = field(default_factory=GuardCounters)
 
     def engine_for(self, name: str) -> AsyncEngine:
         try:

@@ -5,20 +5,23 @@ the order of events, usage accounting, the in-band error event, and the
 ``finally`` that aborts generation and records usage however the request
 ended (normal end, client disconnect, engine error).
 
-The place where an output filter (guardrails) will sit is ``outputs``: any
-async iterator transformer over ``GenOutput`` can wrap the engine stream
-before chunks are written.
+Usage is counted from every engine output as it arrives; what the client
+then sees of an output passes through the request's ``OutputGuard`` (when
+the server has a guard policy), which may hold text back, redact it, or end
+a choice with ``content_filter``. TTFT and finish reasons are recorded as the
+client sees them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Protocol
 
 from starlette.requests import Request
 
+from spigot.api.guarding import OutputGuard
 from spigot.api.sse import DONE, data_event
 from spigot.api.state import RequestRecord, ServerState
 from spigot.engine.async_engine import RequestStream
@@ -56,12 +59,27 @@ def error_body(message: str) -> dict[str, Any]:
 
 
 def _account(record: RequestRecord, output: GenOutput) -> None:
-    if output.text:
-        record.mark_first_token()
     if output.finished:
         record.add_usage(output.usage)
-        if output.finish_reason not in (FinishReason.ERROR, FinishReason.ABORT):
-            record.finish_reasons.append(output.finish_reason.value)
+
+
+def _visible(
+    guard: OutputGuard | None, record: RequestRecord, output: GenOutput
+) -> GenOutput | None:
+    """What the client gets of an output, with TTFT and finish reasons recorded as it sees them."""
+    if guard is not None:
+        shown = guard.apply(output)
+        if shown is None:
+            return None
+        output = shown
+    if output.text:
+        record.mark_first_token()
+    if output.finish_reason is not None and output.finish_reason not in (
+        FinishReason.ERROR,
+        FinishReason.ABORT,
+    ):
+        record.finish_reasons.append(output.finish_reason.value)
+    return output
 
 
 async def _abort_and_account(stream: RequestStream, record: RequestRecord) -> None:
@@ -69,6 +87,15 @@ async def _abort_and_account(stream: RequestStream, record: RequestRecord) -> No
     stream.abort()
     for output in await stream.drain():
         _account(record, output)
+
+
+def _events(fmt: ChunkFormat, output: GenOutput | None) -> Iterator[bytes]:
+    if output is None:
+        return
+    if output.text:
+        yield data_event(fmt.content(output))
+    if output.finished:
+        yield data_event(fmt.finish(output))
 
 
 async def stream_events(
@@ -79,13 +106,19 @@ async def stream_events(
     record: RequestRecord,
     choices: int,
     include_usage: bool,
+    guard: OutputGuard | None = None,
+    preamble: Sequence[GenOutput] = (),
 ) -> AsyncIterator[bytes]:
+    """The SSE events of one request; ``preamble`` is text sent before the model's (echo)."""
     recorded = False
     try:
         for choice in range(choices):
             opening = fmt.opening(choice)
             if opening is not None:
                 yield data_event(opening)
+        for output in preamble:
+            for event in _events(fmt, _visible(guard, record, output)):
+                yield event
         async for output in stream:
             _account(record, output)
             if output.error is not None:
@@ -93,10 +126,8 @@ async def stream_events(
                 await _abort_and_account(stream, record)
                 yield data_event(error_body(output.error))
                 return
-            if output.text:
-                yield data_event(fmt.content(output))
-            if output.finished:
-                yield data_event(fmt.finish(output))
+            for event in _events(fmt, _visible(guard, record, output)):
+                yield event
         # Usage is recorded before the client can see [DONE]: a client that saw
         # the end of the stream has always been accounted for.
         state.finish(record)
@@ -131,17 +162,28 @@ async def collect(
     stream: RequestStream,
     record: RequestRecord,
     choices: int,
+    guard: OutputGuard | None = None,
+    preamble: Sequence[GenOutput] = (),
 ) -> list[list[GenOutput]]:
-    """All outputs of a non-streamed request, per choice; aborts if the client leaves."""
+    """All outputs of a non-streamed request as the client may see them, per choice.
+
+    Generation is aborted if the client leaves first.
+    """
 
     async def gather() -> list[list[GenOutput]]:
         per_choice: list[list[GenOutput]] = [[] for _ in range(choices)]
+        for output in preamble:
+            shown = _visible(guard, record, output)
+            if shown is not None:
+                per_choice[shown.choice_index].append(shown)
         async for output in stream:
             _account(record, output)
             if output.error is not None:
                 record.status = "error"
                 raise EngineFailure(output.error)
-            per_choice[output.choice_index].append(output)
+            shown = _visible(guard, record, output)
+            if shown is not None:
+                per_choice[shown.choice_index].append(shown)
         return per_choice
 
     worker = asyncio.create_task(gather())

@@ -47,9 +47,10 @@ class EngineOptions:
 class RequestStream:
     """The outputs of one API request (all of its choices), in arrival order."""
 
-    def __init__(self, engine: AsyncEngine, request_ids: list[str]) -> None:
+    def __init__(self, engine: AsyncEngine, requests: list[GenRequest]) -> None:
         self._engine = engine
-        self._open = set(request_ids)
+        self._open = {r.request_id for r in requests}
+        self._by_choice = {r.choice_index: r.request_id for r in requests}
         self._buffer: deque[GenOutput] = deque()
         self._wakeup = asyncio.Event()
 
@@ -81,6 +82,12 @@ class RequestStream:
         with the tokens it consumed; ``drain`` collects those.
         """
         for request_id in self._open:
+            self._engine.abort(request_id)
+
+    def abort_choice(self, choice_index: int) -> None:
+        """Stop one choice (a guard blocked it); its ABORT output still arrives."""
+        request_id = self._by_choice.get(choice_index)
+        if request_id in self._open:
             self._engine.abort(request_id)
 
     async def drain(self, within: float = 10.0) -> list[GenOutput]:
@@ -201,7 +208,7 @@ class AsyncEngine:
                 f"{len(self._streams)} sequences are running or queued; "
                 f"the limit is {self.capacity}"
             )
-        stream = RequestStream(self, [r.request_id for r in requests])
+        stream = RequestStream(self, requests)
         for request in requests:
             self._streams[request.request_id] = stream
             self.core.add(request)
