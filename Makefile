@@ -42,7 +42,7 @@ format: install
 	$(BIN)/ruff check --fix src tests
 
 bench: install
-	$(BIN)/python -m spigot.bench.decode $(ARGS)
+	$(BIN)/spigot bench standard $(ARGS)
 
 # The servers spigot is compared with, built under SPIGOT_PEERS_DIR
 # (default ~/.cache/spigot-peers), never in the repository.

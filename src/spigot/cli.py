@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from spigot import __version__
+from spigot.bench.standard import standard as bench_standard
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,6 +115,14 @@ def main() -> None:
     help="KV tokens kept for prefixes no running sequence shares. Each decode step attends "
     "over them, so more keeps more distinct prefixes warm at a cost in speed.",
 )
+@click.option(
+    "--guard",
+    "guard_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="SPIGOT_GUARD",
+    metavar="FILE.toml",
+    help="Guardrail policy for prompts and replies (see docs/guard.md).",
+)
 @click.option("--log-level", default="info", envvar="SPIGOT_LOG_LEVEL", show_default=True)
 @click.option(
     "--verbose-llama", is_flag=True, envvar="SPIGOT_VERBOSE_LLAMA", help="Show llama.cpp logs."
@@ -133,6 +142,7 @@ def serve(
     prefill_chunk_decoding: int,
     prefix_cache: bool,
     prefix_cache_tokens: int,
+    guard_file: Path | None,
     log_level: str,
     verbose_llama: bool,
 ) -> None:
@@ -165,6 +175,7 @@ def serve(
             raise click.UsageError(f"--alias {arg!r}: expected PATTERN=NAME with NAME one of {ids}")
         aliases.append((pattern, target))
     settings = Settings(
+        guard=_load_policy(guard_file) if guard_file is not None else None,
         models=specs,
         engine=EngineOptions(
             n_ctx=ctx_size,
@@ -187,6 +198,87 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     run(settings, verbose_llama=verbose_llama)
+
+
+def _load_policy(path: Path) -> Any:
+    from spigot.guard import Policy, PolicyError
+
+    try:
+        return Policy.from_file(path)
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# -- guard ---------------------------------------------------------------------
+
+
+@main.group()
+def guard() -> None:
+    """Guardrail policies: check them, and try them on text."""
+
+
+@guard.command("check")
+@click.argument("policy_file", type=click.Path(dir_okay=False, path_type=Path))
+def guard_check(policy_file: Path) -> None:
+    """Load a policy and list its rules; exits 1 with the reason when it is invalid."""
+    policy = _load_policy(policy_file)
+    for rule in policy.rules:
+        click.echo(f"{rule.id}\t{rule.kind}\t{rule.action}\t{','.join(sorted(rule.applies_to))}")
+    click.echo(f"{policy_file}: {len(policy.rules)} rule(s), valid", err=True)
+
+
+@guard.command("test")
+@click.argument("policy_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("text_file", type=click.File("r", encoding="utf-8"), default="-")
+@click.option(
+    "--direction",
+    type=click.Choice(["output", "input"]),
+    default="output",
+    show_default=True,
+    help="Apply the policy's output rules (a reply) or its input rules (a prompt).",
+)
+@click.option(
+    "--split",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Feed the text in deltas of this many characters, as a stream would arrive.",
+)
+def guard_test(policy_file: Path, text_file: Any, direction: str, split: int) -> None:
+    """Run a policy over text (a file, or stdin) and show what it would redact or block.
+
+    The guarded text goes to stdout exactly as a client would receive it; what
+    tripped, and the most characters held back at once, go to stderr.
+    """
+    policy = _load_policy(policy_file)
+    text = text_file.read()
+    rules = policy.output if direction == "output" else policy.input
+    guard = rules.guard()
+    trips = []
+    most_held = 0
+    for start in range(0, len(text), split):
+        released = guard.feed(text[start : start + split])
+        click.echo(released.text, nl=False)
+        trips += released.trips
+        most_held = max(most_held, released.held)
+        if released.blocked is not None:
+            break
+    else:
+        released = guard.finish()
+        click.echo(released.text, nl=False)
+        trips += released.trips
+    click.echo()
+    for trip in trips:
+        matched = text[trip.start : trip.end]
+        click.echo(
+            f"{trip.action:>6}  {trip.rule_id}  chars {trip.start}-{trip.end}  {matched!r}",
+            err=True,
+        )
+    if guard.blocked is not None:
+        click.echo(f"blocked by {guard.blocked.rule_id} at char {guard.blocked.start}", err=True)
+    click.echo(
+        f"{len(trips)} trip(s); at most {most_held} character(s) held back at once", err=True
+    )
 
 
 # -- clients -------------------------------------------------------------------
@@ -317,6 +409,9 @@ def chat(
 @main.group()
 def bench() -> None:
     """Benchmark OpenAI-compatible streaming servers (spigot, vLLM, llama.cpp, ...)."""
+
+
+bench.add_command(bench_standard)
 
 
 def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:

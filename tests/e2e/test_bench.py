@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from spigot.bench.docs import MARKERS, end_marker, start_marker
 from spigot.bench.load import BenchConfig, Target, run_bench
 from spigot.bench.workloads import load_workload
 from tests.e2e.server import ROOT, RunningServer, free_port
@@ -173,3 +174,51 @@ def test_synthetic_workloads_have_the_promised_lengths(server: RunningServer) ->
     shared = load_workload("shared-prefix")
     assert 900 <= count(shared[0].system or "") <= 1300
     assert all(count(p.user) < 40 for p in shared)
+
+
+def _split(text: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The text outside the named sections' markers, and each section's inside."""
+    outside, inside = [], {}
+    for name in names:
+        head, _, rest = text.partition(start_marker(name))
+        inside[name], _, text = rest.partition(end_marker(name))
+        outside.append(head)
+    return [*outside, text], inside
+
+
+def test_standard_quick_rewrites_only_its_sections(tmp_path: Path) -> None:
+    """``bench standard --quick`` on a copy of the docs: decode and prefix redrawn, prose kept."""
+    doc = tmp_path / "benchmarks.md"
+    original = (ROOT / "docs" / "benchmarks.md").read_text()
+    doc.write_text(original)
+    result = bench("standard", "--quick", "--only", "decode,prefix", "--out", str(doc))
+    assert result.returncode == 0, result.stderr
+
+    # Every section, in the order the file has them.
+    names = ["machine", *(m for markers in MARKERS.values() for m in markers)]
+    names.sort(key=lambda m: original.index(start_marker(m)))
+    before_outside, before = _split(original, names)
+    after_outside, after = _split(doc.read_text(), names)
+    assert after_outside == before_outside
+    for name in ("peers-llama-server", "peers-llama-cpp-python", "interference"):
+        assert after[name] == before[name]
+    for name in ("machine", "decode", "prefix"):
+        assert after[name] != before[name]
+    assert "| streams | bare loop tok/s | spigot serve tok/s | spigot / bare |" in after["decode"]
+    assert "spigot.bench.decode --url http://127.0.0.1:" in after["decode"]
+    assert "--quick` trial run" in after["prefix"]
+    assert "| cold |" in after["prefix"]
+    assert "llama-cpp-python" in after["machine"]
+
+    results = json.loads((tmp_path / "bench-results.json").read_text())
+    assert set(results["sections"]) == {"decode", "prefix"}
+    (cached,) = (r["cached_tokens"] for r in results["sections"]["prefix"]["data"]["rounds"])
+    assert cached > 0  # the warm request reused the cold one's prefix
+    assert (tmp_path / "img" / "decode.png").read_bytes().startswith(PNG_MAGIC)
+
+    # The results alone redraw the same document.
+    drawn = doc.read_text()
+    doc.write_text(original)
+    again = bench("standard", "--render-only", "--out", str(doc))
+    assert again.returncode == 0, again.stderr
+    assert doc.read_text() == drawn

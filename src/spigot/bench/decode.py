@@ -8,6 +8,7 @@ alternate between the two so machine noise hits both alike; medians are
 reported.
 
     python -m spigot.bench.decode --rounds 3 --tokens 128 --streams 1,8
+    python -m spigot.bench.decode --url http://127.0.0.1:8000/v1   # a server already running
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +129,67 @@ def start_server(port: int, threads: int, parallel: int) -> object:
     raise RuntimeError("server did not start")
 
 
+BARE, SERVED = "bare loop", "spigot serve"
+
+
+def measure(
+    base_url: str,
+    model_path: Path,
+    levels: Sequence[int],
+    rounds: int,
+    tokens: int,
+    threads: int,
+    log: Callable[[str], None] = print,
+) -> dict[tuple[str, int], Result]:
+    """Bare loop and the running server at ``base_url``, alternating, ``rounds`` times.
+
+    The server must have been started with ``--parallel`` of at least ``max(levels)``.
+    """
+    set_native_logging(False)
+    parallel = max(levels)
+    results: dict[tuple[str, int], Result] = {}
+    for round_no in range(rounds):
+        for streams in levels:
+            # The bare loop loads its own copy only while it runs, so the
+            # two never decode at the same time.
+            model = LlamaCppModel(
+                model_path,
+                ContextOptions(n_ctx=8192, n_seq_max=parallel, n_batch=512, n_threads=threads),
+            )
+            try:
+                bare = bare_decode(model, streams, tokens)
+            finally:
+                model.close()
+            served = asyncio.run(server_decode(base_url, streams, tokens))
+            results.setdefault((BARE, streams), Result(BARE, streams, [])).tok_s.append(bare)
+            results.setdefault((SERVED, streams), Result(SERVED, streams, [])).tok_s.append(served)
+            log(
+                f"round {round_no + 1} streams {streams}: "
+                f"bare {bare:.1f} tok/s, spigot {served:.1f} tok/s"
+            )
+    return results
+
+
+def table(results: dict[tuple[str, int], Result], levels: Sequence[int]) -> list[str]:
+    """The markdown table of medians, and the scaling of spigot over the first level."""
+    lines = [
+        "| streams | bare loop tok/s | spigot serve tok/s | spigot / bare |",
+        "|---|---|---|---|",
+    ]
+    for streams in levels:
+        bare = results[(BARE, streams)].median
+        served = results[(SERVED, streams)].median
+        lines.append(f"| {streams} | {bare:.1f} | {served:.1f} | {served / bare:.0%} |")
+    one = results[(SERVED, levels[0])].median
+    for streams in levels[1:]:
+        lines.append("")
+        lines.append(
+            f"spigot, {streams} streams vs {levels[0]}: "
+            f"{results[(SERVED, streams)].median / one:.2f}x aggregate tokens/s"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -134,67 +197,45 @@ def main() -> None:
     parser.add_argument("--streams", default="1,8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--port", type=int, default=8799)
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="measure this running server (started with --parallel >= the most streams) "
+        "instead of starting one on --port",
+    )
     parser.add_argument("--out", type=Path, default=None, help="append a markdown table here")
     args = parser.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
-    parallel = max(levels)
 
-    set_native_logging(False)
     path = embedded_model_path()
-    server = start_server(args.port, args.threads, parallel)
-    base_url = f"http://127.0.0.1:{args.port}/v1"
-    results: dict[tuple[str, int], Result] = {}
-    try:
-        for round_no in range(args.rounds):
-            for streams in levels:
-                # The bare loop loads its own copy only while it runs, so the
-                # two never decode at the same time.
-                model = LlamaCppModel(
-                    path,
-                    ContextOptions(
-                        n_ctx=8192, n_seq_max=parallel, n_batch=512, n_threads=args.threads
-                    ),
-                )
-                bare = bare_decode(model, streams, args.tokens)
-                model.close()
-                served = asyncio.run(server_decode(base_url, streams, args.tokens))
-                results.setdefault(
-                    ("bare loop", streams), Result("bare loop", streams, [])
-                ).tok_s.append(bare)
-                results.setdefault(
-                    ("spigot serve", streams), Result("spigot serve", streams, [])
-                ).tok_s.append(served)
-                print(
-                    f"round {round_no + 1} streams {streams}: "
-                    f"bare {bare:.1f} tok/s, spigot {served:.1f} tok/s"
-                )
-    finally:
-        server.terminate()  # type: ignore[attr-defined]
-        server.wait()  # type: ignore[attr-defined]
+    if args.url:
+        results = measure(args.url, path, levels, args.rounds, args.tokens, args.threads)
+    else:
+        server = start_server(args.port, args.threads, max(levels))
+        try:
+            results = measure(
+                f"http://127.0.0.1:{args.port}/v1",
+                path,
+                levels,
+                args.rounds,
+                args.tokens,
+                args.threads,
+            )
+        finally:
+            server.terminate()  # type: ignore[attr-defined]
+            server.wait()  # type: ignore[attr-defined]
 
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads; "
         f"model {path.name}; {args.tokens} tokens per stream; medians of {args.rounds} rounds.",
         "",
-        "| streams | bare loop tok/s | spigot serve tok/s | spigot / bare |",
-        "|---|---|---|---|",
+        *table(results, levels),
     ]
-    for streams in levels:
-        bare = results[("bare loop", streams)].median
-        served = results[("spigot serve", streams)].median
-        lines.append(f"| {streams} | {bare:.1f} | {served:.1f} | {served / bare:.0%} |")
-    one = results[("spigot serve", levels[0])].median
-    for streams in levels[1:]:
-        lines.append("")
-        lines.append(
-            f"spigot, {streams} streams vs {levels[0]}: "
-            f"{results[('spigot serve', streams)].median / one:.2f}x aggregate tokens/s"
-        )
-    table = "\n".join(lines)
-    print(table)
+    text = "\n".join(lines)
+    print(text)
     if args.out:
         with args.out.open("a") as f:
-            f.write(table + "\n")
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

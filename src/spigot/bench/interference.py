@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import statistics
 import time
+from dataclasses import dataclass
 
 import httpx
 
@@ -37,51 +38,88 @@ async def stream(client: httpx.AsyncClient, url: str, payload: dict, arrivals: l
                 arrivals.append(time.perf_counter())
 
 
-async def run(args: argparse.Namespace) -> None:
-    url = f"{args.url}/chat/completions"
-    base = {"model": args.model, "temperature": 0, "ignore_eos": True}
-    arrivals: list[list[float]] = [[] for _ in range(args.streams)]
+@dataclass(frozen=True)
+class Interference:
+    streams: int
+    prompt_tokens: int  # asked for; the prompt is about this long
+    long_ttft_s: float
+    gap_median_s: float  # the streams' inter-token gaps over the whole run
+    during_p99_s: float | None  # gaps that overlap the long prompt's prefill
+    during_max_s: float | None
+
+    @property
+    def p99_over_median(self) -> float | None:
+        return None if self.during_p99_s is None else self.during_p99_s / self.gap_median_s
+
+
+async def measure(
+    url: str,
+    model: str = EMBEDDED_MODEL_ID,
+    streams: int = 8,
+    tokens: int = 400,
+    prompt_tokens: int = 2000,
+) -> Interference:
+    """Send the long prompt once all ``streams`` are decoding; the gaps it caused."""
+    endpoint = f"{url}/chat/completions"
+    base = {"model": model, "temperature": 0, "ignore_eos": True}
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
     async with httpx.AsyncClient(timeout=600) as client:
         tasks = [
             asyncio.create_task(
                 stream(
                     client,
-                    url,
+                    endpoint,
                     {
                         **base,
                         "messages": [{"role": "user", "content": f"Tell story {i}."}],
-                        "max_tokens": args.tokens,
+                        "max_tokens": tokens,
                     },
                     arrivals[i],
                 )
             )
-            for i in range(args.streams)
+            for i in range(streams)
         ]
         # Polling, not an event: the streams' arrival lists are the only state.
-        while min(len(a) for a in arrivals) < 20:  # noqa: ASYNC110
+        # A stream that ended early (an error) ends the wait; gather raises it.
+        while min(map(len, arrivals)) < 20 and not any(t.done() for t in tasks):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         long_arrivals: list[float] = []
         sent = time.perf_counter()
         long_payload = {
             **base,
-            "messages": [{"role": "user", "content": WORDS * (args.prompt_tokens // 10)}],
+            "messages": [{"role": "user", "content": WORDS * (prompt_tokens // 10)}],
             "max_tokens": 4,
         }
-        await stream(client, url, long_payload, long_arrivals)
+        await stream(client, endpoint, long_payload, long_arrivals)
         await asyncio.gather(*tasks)
     first = long_arrivals[0]
     gaps_all = [b - a for arr in arrivals for a, b in itertools.pairwise(arr)]
     gaps_during = [
         b - a for arr in arrivals for a, b in itertools.pairwise(arr) if b > sent and a < first
     ]
-    median = statistics.median(gaps_all)
-    p99 = percentile(gaps_during, 99)
+    return Interference(
+        streams=streams,
+        prompt_tokens=prompt_tokens,
+        long_ttft_s=first - sent,
+        gap_median_s=statistics.median(gaps_all),
+        # Empty when every stream had finished before the prefill did (too few --tokens).
+        during_p99_s=percentile(gaps_during, 99) if gaps_during else None,
+        during_max_s=max(gaps_during) if gaps_during else None,
+    )
+
+
+async def run(args: argparse.Namespace) -> None:
+    result = await measure(args.url, args.model, args.streams, args.tokens, args.prompt_tokens)
+    median = result.gap_median_s
     print(f"streams {args.streams}, long prompt ~{args.prompt_tokens} tokens")
-    print(f"long prompt TTFT: {(first - sent) * 1000:.0f} ms")
+    print(f"long prompt TTFT: {result.long_ttft_s * 1000:.0f} ms")
     print(f"inter-token gap median (whole run): {median * 1000:.1f} ms")
+    if result.during_p99_s is None or result.during_max_s is None:
+        print("during the long prefill: no stream was decoding (raise --tokens)")
+        return
     print(
-        f"during the long prefill: p99 {p99 * 1000:.1f} ms, max {max(gaps_during) * 1000:.1f} ms, "
-        f"p99/median {p99 / median:.2f}x"
+        f"during the long prefill: p99 {result.during_p99_s * 1000:.1f} ms, "
+        f"max {result.during_max_s * 1000:.1f} ms, p99/median {result.during_p99_s / median:.2f}x"
     )
 
 

@@ -221,10 +221,14 @@ def _llama_server_works(binary: Path) -> bool:
     return result.returncode == 0
 
 
+def _llama_server_stamp() -> dict[str, object]:
+    return {"version": LLAMA_CPP_PYTHON_VERSION, "cmake_args": list(LLAMA_SERVER_CMAKE_ARGS)}
+
+
 def ensure_llama_server() -> Path:
     """Build llama.cpp's ``llama-server`` from the vendored sources unless it is built."""
     binary, build = llama_server_path(), llama_server_build_dir()
-    want = {"version": LLAMA_CPP_PYTHON_VERSION, "cmake_args": list(LLAMA_SERVER_CMAKE_ARGS)}
+    want = _llama_server_stamp()
     if _read_stamp(build / STAMP) == want and _llama_server_works(binary):
         print(f"llama-server: already built at {binary}")
         return binary
@@ -325,10 +329,14 @@ def _llama_cpp_python_works(python: Path) -> bool:
     return result.returncode == 0 and result.stdout.strip() == LLAMA_CPP_PYTHON_VERSION
 
 
+def _llama_cpp_python_stamp() -> dict[str, object]:
+    return {"version": LLAMA_CPP_PYTHON_VERSION, "CMAKE_ARGS": NO_AMX_CMAKE_ARGS}
+
+
 def ensure_llama_cpp_python_server() -> Path:
     """A venv with ``llama-cpp-python[server]`` built without AMX; returns its python."""
     venv, python = llama_cpp_python_venv(), llama_cpp_python_path()
-    want = {"version": LLAMA_CPP_PYTHON_VERSION, "CMAKE_ARGS": NO_AMX_CMAKE_ARGS}
+    want = _llama_cpp_python_stamp()
     if _read_stamp(venv / STAMP) == want and _llama_cpp_python_works(python):
         _check_no_amx(python)
         print(f"llama-cpp-python server: already built at {python}")
@@ -364,10 +372,38 @@ def ensure_llama_cpp_python_server() -> Path:
     return python
 
 
+def not_ready(name: str) -> str | None:
+    """Why peer ``name`` cannot be started as ``setup`` leaves it; None when it can.
+
+    Looks only: never builds (``setup`` takes minutes of every core).
+    """
+    if name == LLAMA_SERVER:
+        binary, build = llama_server_path(), llama_server_build_dir()
+        if not binary.is_file():
+            return f"not built ({binary} does not exist)"
+        if _read_stamp(build / STAMP) != _llama_server_stamp():
+            return f"built with other settings than these ({build / STAMP})"
+        return None if _llama_server_works(binary) else f"{binary} --version fails"
+    if name == LLAMA_CPP_PYTHON:
+        venv, python = llama_cpp_python_venv(), llama_cpp_python_path()
+        if not python.is_file():
+            return f"not built ({python} does not exist)"
+        if _read_stamp(venv / STAMP) != _llama_cpp_python_stamp():
+            return f"built with other settings than these ({venv / STAMP})"
+        if not _llama_cpp_python_works(python):
+            return f"llama_cpp.server {LLAMA_CPP_PYTHON_VERSION} does not import in {venv}"
+        try:
+            _check_no_amx(python)
+        except (PeerError, OSError, ValueError, subprocess.SubprocessError) as exc:
+            return str(exc)
+        return None
+    raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
+
+
 # -- checking ----------------------------------------------------------------
 
 
-def _wait_ready(process: subprocess.Popen[bytes], base: str, timeout: float = 180) -> None:
+def wait_ready(process: subprocess.Popen[bytes], base: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -426,7 +462,7 @@ def stream_chat(base: str, prompt: str, max_tokens: int = 32) -> dict[str, objec
     }
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
@@ -447,17 +483,17 @@ def check_peer(name: str, model_path: Path, port: int, threads: int) -> bool:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
             started = time.monotonic()
-            _wait_ready(process, base)
+            wait_ready(process, base)
             print(f"  ready after {time.monotonic() - started:.1f} s")
             result = stream_chat(base, "What's 1+1? Answer in one word.")
         except (PeerError, httpx.HTTPError, ValueError) as exc:
             print(f"  FAILED: {exc}")
-            _stop(process)
+            stop(process)
             tail = log.read_text(errors="replace").splitlines()[-15:]
             print("  " + "\n  ".join(tail))
             return False
         finally:
-            _stop(process)
+            stop(process)
     ok = bool(result["done"]) and int(result["chunks"]) > 1 and bool(result["text"])  # type: ignore[call-overload]
     print(
         f"  {result['content_type']}: {result['chunks']} chunks, [DONE]={result['done']}, "

@@ -13,6 +13,8 @@ import argparse
 import statistics
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 
@@ -45,6 +47,32 @@ def ttft(url: str, model: str, system: str, question: str) -> tuple[float, int]:
     return first, cached
 
 
+@dataclass(frozen=True)
+class Round:
+    cold_s: float
+    warm_s: float
+    cached_tokens: int
+
+
+def measure(
+    url: str,
+    model: str = EMBEDDED_MODEL_ID,
+    rounds: int = 5,
+    sentences: int = 62,
+    log: Callable[[str], None] = print,
+) -> list[Round]:
+    """Cold and warm TTFT of ``rounds`` fresh system prompts of ``sentences`` sentences."""
+    out = []
+    for i in range(rounds):
+        # A fresh session id first, so no earlier round's cache matches.
+        system = f"Session {uuid.uuid4()}. " + SYSTEM_SENTENCE * sentences
+        c, _ = ttft(url, model, system, "What is a lighthouse?")
+        w, cached = ttft(url, model, system, "Who keeps a lighthouse?")
+        out.append(Round(c, w, cached))
+        log(f"round {i + 1}: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms, cached {cached}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1")
@@ -52,15 +80,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sentences", type=int, default=62, help="~16 tokens each")
     args = parser.parse_args()
-    cold, warm = [], []
-    for i in range(args.rounds):
-        system = f"Session {uuid.uuid4()}. " + SYSTEM_SENTENCE * args.sentences
-        c, _ = ttft(args.url, args.model, system, "What is a lighthouse?")
-        w, cached = ttft(args.url, args.model, system, "Who keeps a lighthouse?")
-        cold.append(c)
-        warm.append(w)
-        print(f"round {i + 1}: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms, cached {cached}")
-    c, w = statistics.median(cold), statistics.median(warm)
+    rounds = measure(args.url, args.model, args.rounds, args.sentences)
+    c = statistics.median(r.cold_s for r in rounds)
+    w = statistics.median(r.warm_s for r in rounds)
     print(f"median TTFT: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms, warm/cold {w / c:.0%}")
 
 
