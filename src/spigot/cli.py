@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from spigot import __version__
+from spigot.admin_cli import keys, usage
 from spigot.bench.standard import standard as bench_standard
 
 
@@ -123,6 +124,36 @@ def main() -> None:
     metavar="FILE.toml",
     help="Guardrail policy for prompts and replies (see docs/guard.md).",
 )
+@click.option(
+    "--db",
+    default="spigot.db",
+    envvar="SPIGOT_DB",
+    show_default=True,
+    metavar="PATH|postgresql://...",
+    help="Where API keys, the usage ledger and rate limits live: a SQLite file, or PostgreSQL "
+    "shared by several servers.",
+)
+@click.option(
+    "--metering/--no-metering",
+    default=True,
+    envvar="SPIGOT_METERING",
+    show_default=True,
+    help="Keys, ledger, budgets and rate limits. Off: no database, no keys, nothing recorded.",
+)
+@click.option(
+    "--prices",
+    "prices_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="SPIGOT_PRICES",
+    metavar="FILE.toml",
+    help="Price per million prompt, cached and completion tokens, per model (docs/metering.md).",
+)
+@click.option(
+    "--require-auth",
+    is_flag=True,
+    envvar="SPIGOT_REQUIRE_AUTH",
+    help="Refuse requests without a valid key even before any key exists.",
+)
 @click.option("--log-level", default="info", envvar="SPIGOT_LOG_LEVEL", show_default=True)
 @click.option(
     "--verbose-llama", is_flag=True, envvar="SPIGOT_VERBOSE_LLAMA", help="Show llama.cpp logs."
@@ -143,6 +174,10 @@ def serve(
     prefix_cache: bool,
     prefix_cache_tokens: int,
     guard_file: Path | None,
+    db: str,
+    metering: bool,
+    prices_file: Path | None,
+    require_auth: bool,
     log_level: str,
     verbose_llama: bool,
 ) -> None:
@@ -174,8 +209,13 @@ def serve(
         if not sep or target not in ids:
             raise click.UsageError(f"--alias {arg!r}: expected PATTERN=NAME with NAME one of {ids}")
         aliases.append((pattern, target))
+    if require_auth and not metering:
+        raise click.UsageError("--require-auth needs metering (keys live in --db)")
     settings = Settings(
         guard=_load_policy(guard_file) if guard_file is not None else None,
+        db=db if metering else None,
+        prices=_load_prices(prices_file),
+        require_auth=require_auth,
         models=specs,
         engine=EngineOptions(
             n_ctx=ctx_size,
@@ -197,7 +237,23 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run(settings, verbose_llama=verbose_llama)
+    from spigot.metering import StoreError
+
+    try:
+        run(settings, verbose_llama=verbose_llama)
+    except StoreError as exc:
+        raise click.ClickException(f"--db: {exc}") from None
+
+
+def _load_prices(path: Path | None) -> Any:
+    from spigot.metering.prices import PriceError, PriceTable
+
+    if path is None:
+        return PriceTable()
+    try:
+        return PriceTable.from_file(path)
+    except PriceError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _load_policy(path: Path) -> Any:
@@ -207,6 +263,12 @@ def _load_policy(path: Path) -> Any:
         return Policy.from_file(path)
     except PolicyError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+# -- keys and usage ------------------------------------------------------------
+
+main.add_command(keys)
+main.add_command(usage)
 
 
 # -- guard ---------------------------------------------------------------------

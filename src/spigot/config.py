@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from spigot.engine.async_engine import EngineOptions
 from spigot.guard import Policy
+from spigot.metering.prices import PriceTable
 from spigot.models import ModelSpec
 
 
@@ -20,3 +21,7 @@ class Settings:
     aliases: tuple[tuple[str, str], ...] = ()  # (pattern, model id)
     log_level: str = "info"
     guard: Policy | None = None  # guardrails on prompts and replies
+    # Keys, ledger, budgets and rate limits: a SQLite path or postgresql:// URL; None = off.
+    db: str | None = "spigot.db"
+    prices: PriceTable = field(default_factory=PriceTable)
+    require_auth: bool = False

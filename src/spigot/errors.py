@@ -8,6 +8,7 @@
     ├── NotFound                     404 invalid_request_error
     │   └── ModelNotFoundError       404 invalid_request_error / model_not_found
     ├── RateLimited                  429 rate_limit_exceeded (Retry-After)
+    ├── QuotaExceeded                429 insufficient_quota
     └── Overloaded                   503 server_error (Retry-After)
 
 Each class knows its HTTP status and OpenAI ``type``; instances carry the
@@ -31,12 +32,14 @@ class SpigotError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
         self.retry_after = retry_after
+        self.extra_headers = headers or {}
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -50,8 +53,8 @@ class SpigotError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
-            return {}
-        return {"retry-after": str(max(1, round(self.retry_after)))}
+            return dict(self.extra_headers)
+        return {**self.extra_headers, "retry-after": str(max(1, round(self.retry_after)))}
 
 
 class InvalidRequest(SpigotError):
@@ -87,6 +90,14 @@ class RateLimited(SpigotError):
     status = 429
     error_type = "rate_limit_exceeded"
     default_code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(SpigotError):
+    """The key's budget is spent: waiting does not help, so no Retry-After."""
+
+    status = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
 
 
 class Overloaded(SpigotError):

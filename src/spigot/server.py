@@ -8,16 +8,24 @@ import uvicorn
 from fastapi import FastAPI
 
 from spigot.api.app import create_app
+from spigot.api.metering import Metering
 from spigot.api.state import ServerState
 from spigot.config import Settings
 from spigot.engine.async_engine import AsyncEngine
 from spigot.engine.llamacpp import set_native_logging
+from spigot.metering import open_store
 from spigot.models import OPENAI_NAME_PATTERNS, ModelRouter
 
 log = logging.getLogger(__name__)
 
 
 def build_state(settings: Settings) -> ServerState:
+    # The store first: a wrong --db should fail before minutes of model loading.
+    metering = None
+    if settings.db is not None:
+        store = open_store(settings.db)
+        metering = Metering(store, settings.prices, require_auth=settings.require_auth)
+        log.info("metering: keys and ledger in %s", store.dialect)
     engines: dict[str, AsyncEngine] = {}
     for spec in settings.models:
         log.info("loading %s from %s", spec.id, spec.path)
@@ -35,7 +43,10 @@ def build_state(settings: Settings) -> ServerState:
             len(settings.guard.input.rules),
         )
     return ServerState(
-        engines=engines, router=ModelRouter(list(engines), aliases), guard=settings.guard
+        engines=engines,
+        router=ModelRouter(list(engines), aliases),
+        guard=settings.guard,
+        metering=metering,
     )
 
 
@@ -63,4 +74,9 @@ def run(settings: Settings, *, verbose_llama: bool = False) -> None:
         settings.host,
         settings.port,
     )
-    server.run()
+    try:
+        server.run()
+    finally:
+        metering = app.state.spigot.metering
+        if metering is not None:
+            metering.store.close()

@@ -72,6 +72,9 @@ class RunningServer:
 def start_server(*args: str, timeout: float = 120.0) -> RunningServer:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="spigot-e2e-", suffix=".log")[1])
+    if "--db" not in args and "--no-metering" not in args:
+        # Never the default ./spigot.db: each server gets a ledger of its own.
+        args = (*args, "--db", str(log.with_suffix(".db")))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "spigot", "serve", "--port", str(port), *args],

@@ -16,10 +16,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spigot import __version__
-from spigot.api import chat, completions, models, tokens
+from spigot.api import admin, chat, completions, models, tokens
 from spigot.api.responses import error_response, json_response
 from spigot.api.state import ServerState
-from spigot.errors import InvalidRequest, NotFound, SpigotError
+from spigot.errors import InvalidRequest, NotFound, Overloaded, SpigotError
+from spigot.metering import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ async def _spigot_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def _store_error(request: Request, exc: Exception) -> Response:
+    # The key store (a database) failing is the server's trouble, and usually passing.
+    log.error("%s: key store: %s", request.state.request_id, exc)
+    return error_response(
+        Overloaded("The server's key store is unavailable; try again shortly.", retry_after=5)
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
@@ -100,6 +109,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(completions.router)
     app.include_router(models.router)
     app.include_router(tokens.router)
+    app.include_router(admin.router)
 
     @app.get("/health")
     async def health() -> Response:
@@ -118,5 +128,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_exception_handler(SpigotError, _spigot_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(StoreError, _store_error)
     app.add_middleware(RequestIdMiddleware)
     return app

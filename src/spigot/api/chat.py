@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from spigot.api.guarding import check_logprobs, guard_inputs, output_guard
+from spigot.api.metering import admit, authorize, release
 from spigot.api.responses import json_response
 from spigot.api.schemas import ChatCompletionRequest
 from spigot.api.sse import EventStreamResponse
@@ -21,7 +22,7 @@ from spigot.api.state import (
     parse_body,
     resolve_max_tokens,
 )
-from spigot.api.streaming import collect, finish_reason_of, stream_events, usage_body
+from spigot.api.streaming import StreamedRequest, collect, finish_reason_of, usage_body
 from spigot.engine.async_engine import QueueFull
 from spigot.engine.chat_template import ChatTemplateError
 from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
@@ -88,6 +89,7 @@ class ChatChunks:
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: Request) -> Response:
     state: ServerState = request.app.state.spigot
+    key = await authorize(request)
     body = await parse_body(request, ChatCompletionRequest)
     body.check()
     engine = state.engine_for(body.model)
@@ -126,9 +128,17 @@ async def create_chat_completion(request: Request) -> Response:
         )
         for i in range(n)
     ]
+    reservation = await admit(
+        request,
+        key,
+        model=engine.model_id,
+        prompt_tokens=len(prompt),
+        max_completion_tokens=max_tokens * n,
+    )
     try:
         stream = engine.submit(requests)
     except QueueFull as exc:
+        await release(request, reservation)
         raise Overloaded(str(exc), retry_after=1) from None
 
     record = RequestRecord(
@@ -137,23 +147,24 @@ async def create_chat_completion(request: Request) -> Response:
         model=engine.model_id,
         streamed=bool(body.stream),
         prompt_tokens=len(prompt),
+        key_id=key.id if key is not None else None,
     )
+    headers = reservation.headers if reservation is not None else None
     completion_id = new_id("chatcmpl")
     created = int(time.time())
     guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, n)
     if body.stream:
         fmt = ChatChunks(completion_id, created, engine.model_id, bool(body.logprobs))
-        return EventStreamResponse(
-            stream_events(
-                state=state,
-                stream=stream,
-                fmt=fmt,
-                record=record,
-                choices=n,
-                include_usage=body.include_usage,
-                guard=guard,
-            )
+        streamed = StreamedRequest(
+            state=state,
+            stream=stream,
+            fmt=fmt,
+            record=record,
+            choices=n,
+            include_usage=body.include_usage,
+            guard=guard,
         )
+        return EventStreamResponse(streamed.events(), headers=headers, on_close=streamed.close)
 
     per_choice = await collect(
         request=request, state=state, stream=stream, record=record, choices=n, guard=guard
@@ -181,5 +192,6 @@ async def create_chat_completion(request: Request) -> Response:
             "model": engine.model_id,
             "choices": choices,
             "usage": usage_body(record),
-        }
+        },
+        headers=headers,
     )

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from spigot.api.guarding import check_logprobs, guard_inputs, output_guard
+from spigot.api.metering import admit, authorize, release
 from spigot.api.responses import json_response
 from spigot.api.schemas import CompletionRequest
 from spigot.api.sse import EventStreamResponse
@@ -22,7 +23,7 @@ from spigot.api.state import (
     parse_body,
     resolve_max_tokens,
 )
-from spigot.api.streaming import collect, finish_reason_of, stream_events, usage_body
+from spigot.api.streaming import StreamedRequest, collect, finish_reason_of, usage_body
 from spigot.engine.async_engine import AsyncEngine, QueueFull
 from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
 from spigot.errors import InvalidRequest, Overloaded
@@ -130,6 +131,7 @@ def _prepare_prompts(
 @router.post("/v1/completions")
 async def create_completion(request: Request) -> Response:
     state: ServerState = request.app.state.spigot
+    key = await authorize(request)
     body = await parse_body(request, CompletionRequest)
     body.check()
     engine = state.engine_for(body.model)
@@ -140,10 +142,12 @@ async def create_completion(request: Request) -> Response:
     check_choices(engine, total)
 
     requests: list[GenRequest] = []
+    max_completion_tokens = 0
     for p_index, prompt in enumerate(prompts):
         max_tokens = resolve_max_tokens(
             engine, len(prompt.token_ids), body.max_tokens, param="prompt"
         )
+        max_completion_tokens += max_tokens * n
         for i in range(n):
             choice = p_index * n + i
             params = body.to_sampling_params(
@@ -153,9 +157,18 @@ async def create_completion(request: Request) -> Response:
                 choice=i,
             )
             requests.append(GenRequest(engine.new_request_id(), prompt.token_ids, params, choice))
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    reservation = await admit(
+        request,
+        key,
+        model=engine.model_id,
+        prompt_tokens=prompt_tokens,
+        max_completion_tokens=max_completion_tokens,
+    )
     try:
         stream = engine.submit(requests)
     except QueueFull as exc:
+        await release(request, reservation)
         raise Overloaded(str(exc), retry_after=1) from None
 
     record = RequestRecord(
@@ -163,8 +176,10 @@ async def create_completion(request: Request) -> Response:
         endpoint="completions",
         model=engine.model_id,
         streamed=bool(body.stream),
-        prompt_tokens=sum(len(p.token_ids) for p in prompts),
+        prompt_tokens=prompt_tokens,
+        key_id=key.id if key is not None else None,
     )
+    headers = reservation.headers if reservation is not None else None
     completion_id = new_id("cmpl")
     created = int(time.time())
     # An echoed prompt is completion text like any other: output rules see it too.
@@ -173,18 +188,17 @@ async def create_completion(request: Request) -> Response:
     fmt = CompletionChunks(completion_id, created, engine.model_id, logprobs)
     guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, total)
     if body.stream:
-        return EventStreamResponse(
-            stream_events(
-                state=state,
-                stream=stream,
-                fmt=fmt,
-                record=record,
-                choices=total,
-                include_usage=body.include_usage,
-                guard=guard,
-                preamble=echoes,
-            )
+        streamed = StreamedRequest(
+            state=state,
+            stream=stream,
+            fmt=fmt,
+            record=record,
+            choices=total,
+            include_usage=body.include_usage,
+            guard=guard,
+            preamble=echoes,
         )
+        return EventStreamResponse(streamed.events(), headers=headers, on_close=streamed.close)
 
     per_choice = await collect(
         request=request,
@@ -214,5 +228,6 @@ async def create_completion(request: Request) -> Response:
             "model": engine.model_id,
             "choices": choices,
             "usage": usage_body(record),
-        }
+        },
+        headers=headers,
     )

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from spigot.api.metering import authorize
 from spigot.api.responses import json_response
 from spigot.api.state import ServerState
 from spigot.engine.async_engine import AsyncEngine
@@ -27,6 +28,7 @@ def _model_card(engine: AsyncEngine) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
+    await authorize(request)
     state: ServerState = request.app.state.spigot
     return json_response(
         {"object": "list", "data": [_model_card(e) for e in state.engines.values()]}
@@ -35,6 +37,7 @@ async def list_models(request: Request) -> Response:
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> Response:
+    await authorize(request)
     state: ServerState = request.app.state.spigot
     # Names routed to a model (gpt-3.5-turbo, aliases) describe that model.
     return json_response(_model_card(state.engine_for(model_id)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -36,15 +36,31 @@ def data_event(obj: Any) -> bytes:
 
 class EventStreamResponse(Response):
     def __init__(
-        self, body: AsyncIterator[bytes], headers: Mapping[str, str] | None = None
+        self,
+        body: AsyncIterator[bytes],
+        headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         # Not Response.__init__: the body is produced while sending.
         self.status_code = 200
         self.background = None
         self._body = body
         self._headers = {**SSE_HEADERS, **(headers or {})}
+        # Runs however sending ends, even if the body never started.
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            done = await self._send(receive, send)
+        finally:
+            if self._on_close is not None:
+                await asyncio.shield(self._on_close())
+        if done:
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send(self, receive: Receive, send: Send) -> bool:
+        """Send the events until they end (True) or the client leaves (False)."""
         await send(
             {
                 "type": "http.response.start",
@@ -62,9 +78,7 @@ class EventStreamResponse(Response):
             for task in (sender, listener):
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await task
-        if sender in done and sender.exception() is None:
-            with contextlib.suppress(OSError):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return sender in done and sender.exception() is None
 
     async def _send_body(self, send: Send) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -14,11 +15,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from spigot.api.guarding import GuardCounters
+from spigot.api.metering import Metering
 from spigot.api.validation import validation_error
 from spigot.engine.async_engine import AsyncEngine
 from spigot.engine.types import Usage
 from spigot.errors import ContextLengthExceeded, InvalidRequest, ModelNotFoundError
 from spigot.guard import Policy
+from spigot.metering import LedgerEntry
 from spigot.models import ModelNotFound, ModelRouter
 
 log = logging.getLogger("spigot.requests")
@@ -41,11 +44,14 @@ class RequestRecord:
     cached_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
     status: str = "ok"  # ok | disconnected | error
+    key_id: int | None = None  # the API key it ran under, when keys are in use
 
     def add_usage(self, usage: Usage | None) -> None:
         if usage is not None:
             self.completion_tokens += usage.completion_tokens
-            self.cached_tokens += usage.cached_tokens
+            # With n > 1 every choice may reuse the same cached prefix; the prompt is
+            # counted (and billed) once, so its cached part is never more than it.
+            self.cached_tokens = min(self.prompt_tokens, self.cached_tokens + usage.cached_tokens)
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
@@ -83,6 +89,7 @@ class ServerState:
     observers: list[UsageObserver] = field(default_factory=lambda: [log_record])
     guard: Policy | None = None
     guard_counters: GuardCounters = field(default_factory=GuardCounters)
+    metering: Metering | None = None
 
     def engine_for(self, name: str) -> AsyncEngine:
         try:
@@ -90,12 +97,48 @@ class ServerState:
         except ModelNotFound as exc:
             raise ModelNotFoundError(str(exc), param="model") from None
 
-    def finish(self, record: RequestRecord) -> None:
+    async def finish(self, record: RequestRecord) -> bool:
+        """Record a finished request; False when its ledger row could not be written.
+
+        The ledger write is shielded: a client that leaves meanwhile cannot cancel it.
+        """
         for observer in self.observers:
             try:
                 observer(record)
             except Exception:
                 log.exception("usage observer failed for %s", record.request_id)
+        if self.metering is None:
+            return True
+        entry = ledger_entry(self.metering, record)
+        try:
+            await asyncio.shield(self.metering.settle(entry))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the ledger row of %s could not be written", record.request_id)
+            return False
+        return True
+
+
+def ledger_entry(metering: Metering, record: RequestRecord) -> LedgerEntry:
+    now = time.monotonic()
+    ttft = record.first_token_at
+    return LedgerEntry(
+        request_id=record.request_id,
+        key_id=record.key_id,
+        model=record.model,
+        endpoint=record.endpoint,
+        prompt_tokens=record.prompt_tokens,
+        cached_tokens=record.cached_tokens,
+        completion_tokens=record.completion_tokens,
+        cost_pusd=metering.cost(
+            record.model, record.prompt_tokens, record.cached_tokens, record.completion_tokens
+        ),
+        ttft_ms=None if ttft is None else round((ttft - record.started) * 1000),
+        duration_ms=round((now - record.started) * 1000),
+        finish_reason=",".join(dict.fromkeys(record.finish_reasons)) or None,
+        status=record.status,
+    )
 
 
 def new_id(prefix: str) -> str:

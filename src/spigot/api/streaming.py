@@ -98,50 +98,79 @@ def _events(fmt: ChunkFormat, output: GenOutput | None) -> Iterator[bytes]:
         yield data_event(fmt.finish(output))
 
 
-async def stream_events(
-    *,
-    state: ServerState,
-    stream: RequestStream,
-    fmt: ChunkFormat,
-    record: RequestRecord,
-    choices: int,
-    include_usage: bool,
-    guard: OutputGuard | None = None,
-    preamble: Sequence[GenOutput] = (),
-) -> AsyncIterator[bytes]:
-    """The SSE events of one request; ``preamble`` is text sent before the model's (echo)."""
-    recorded = False
-    try:
-        for choice in range(choices):
-            opening = fmt.opening(choice)
-            if opening is not None:
-                yield data_event(opening)
-        for output in preamble:
-            for event in _events(fmt, _visible(guard, record, output)):
-                yield event
-        async for output in stream:
-            _account(record, output)
-            if output.error is not None:
-                record.status = "error"
-                await _abort_and_account(stream, record)
-                yield data_event(error_body(output.error))
+class StreamedRequest:
+    """One streamed request: its SSE events, and the cleanup that must run however it ends.
+
+    ``close`` is idempotent and runs from the events' ``finally`` and again from the
+    response once sending is over, so a request whose events never started (the
+    client left before the first byte) is still aborted and recorded.
+    """
+
+    def __init__(
+        self,
+        *,
+        state: ServerState,
+        stream: RequestStream,
+        fmt: ChunkFormat,
+        record: RequestRecord,
+        choices: int,
+        include_usage: bool,
+        guard: OutputGuard | None = None,
+        preamble: Sequence[GenOutput] = (),
+    ) -> None:
+        self._state = state
+        self._stream = stream
+        self._fmt = fmt
+        self._record = record
+        self._choices = choices
+        self._include_usage = include_usage
+        self._guard = guard
+        self._preamble = preamble  # text sent before the model's (an echoed prompt)
+        self._recorded = False
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        fmt, record, stream, guard = self._fmt, self._record, self._stream, self._guard
+        try:
+            for choice in range(self._choices):
+                opening = fmt.opening(choice)
+                if opening is not None:
+                    yield data_event(opening)
+            for output in self._preamble:
+                for event in _events(fmt, _visible(guard, record, output)):
+                    yield event
+            async for output in stream:
+                _account(record, output)
+                if output.error is not None:
+                    record.status = "error"
+                    await _abort_and_account(stream, record)
+                    yield data_event(error_body(output.error))
+                    return
+                for event in _events(fmt, _visible(guard, record, output)):
+                    yield event
+            # Usage is recorded (and the ledger row committed) before the client can see
+            # [DONE]: a client that saw the end of the stream has always been metered.
+            self._recorded = True
+            if not await self._state.finish(record):
+                yield data_event(error_body("The usage of this request could not be recorded."))
                 return
-            for event in _events(fmt, _visible(guard, record, output)):
-                yield event
-        # Usage is recorded before the client can see [DONE]: a client that saw
-        # the end of the stream has always been accounted for.
-        state.finish(record)
-        recorded = True
-        if include_usage:
-            yield data_event(fmt.usage(usage_body(record)))
-        yield DONE
-    finally:
-        if not stream.finished:
-            if record.status == "ok":
-                record.status = "disconnected"
-            await _abort_and_account(stream, record)
-        if not recorded:
-            state.finish(record)
+            if self._include_usage:
+                yield data_event(fmt.usage(usage_body(record)))
+            yield DONE
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._stream.finished:
+            if self._record.status == "ok":
+                self._record.status = "disconnected"
+            await _abort_and_account(self._stream, self._record)
+        if not self._recorded:
+            self._recorded = True
+            await self._state.finish(self._record)
 
 
 class ClientDisconnected(Exception):
@@ -201,7 +230,7 @@ async def collect(
                 await task
         if not stream.finished:
             await _abort_and_account(stream, record)
-        state.finish(record)
+        await state.finish(record)
 
 
 def finish_reason_of(outputs: list[GenOutput]) -> str:

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from spigot.api.metering import authorize
 from spigot.api.responses import json_response
 from spigot.api.schemas import DetokenizeRequest, TokenizeRequest
 from spigot.api.state import ServerState, parse_body
@@ -17,6 +18,7 @@ router = APIRouter()
 
 @router.post("/tokenize")
 async def tokenize(request: Request) -> Response:
+    await authorize(request)
     state: ServerState = request.app.state.spigot
     body = await parse_body(request, TokenizeRequest)
     engine = state.engine_for(body.model)
@@ -37,6 +39,7 @@ async def tokenize(request: Request) -> Response:
 
 @router.post("/detokenize")
 async def detokenize(request: Request) -> Response:
+    await authorize(request)
     state: ServerState = request.app.state.spigot
     body = await parse_body(request, DetokenizeRequest)
     engine = state.engine_for(body.model)
