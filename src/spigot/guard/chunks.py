@@ -48,8 +48,11 @@ def _clone(chunk: C) -> C:
 class ChunkGuard:
     """The per-stream state: one text guard per choice index."""
 
-    def __init__(self, policy: Policy, on_trip: TripCallback | None = None) -> None:
+    def __init__(
+        self, policy: Policy, on_trip: TripCallback | None = None, choices: int = 1
+    ) -> None:
         self._rules = policy.output
+        self._choices = choices
         self._guards: dict[int, TextGuard] = {}
         self._on_trip = on_trip
         self._template: dict[int, Any] = {}  # a recent chunk per choice, to flush into
@@ -62,7 +65,13 @@ class ChunkGuard:
 
     @property
     def all_blocked(self) -> bool:
-        return bool(self._guards) and all(g.blocked for g in self._guards.values())
+        """Every choice is blocked (or has ended and one is blocked): nothing more will pass."""
+        guards = self._guards.values()
+        return (
+            len(self._guards) >= self._choices
+            and any(g.blocked for g in guards)
+            and all(g.blocked or g.finished for g in guards)
+        )
 
     def apply(self, chunk: C) -> C | None:
         """The guarded chunk, or None when nothing of it may be sent yet."""
@@ -76,9 +85,9 @@ class ChunkGuard:
             guard = self._guard(index)
             if guard.blocked is not None or guard.finished:
                 continue
+            self._template[index] = chunk
             if self._guard_choice(index, guard, choice):
                 kept.append(choice)
-                self._template[index] = out
         if not kept:
             return None
         _set(out, "choices", kept)
@@ -137,6 +146,8 @@ class ChunkGuard:
                     if _get(delta, k) is not None:
                         _set(delta, k, None)
             _set(choice, "finish_reason", "content_filter" if released.blocked else None)
+            if _get(choice, "logprobs") is not None:
+                _set(choice, "logprobs", None)
             _set(chunk, "choices", [choice])
             yield chunk
 
@@ -147,14 +158,16 @@ def guard_stream(
     *,
     on_trip: TripCallback | None = None,
     close_on_block: bool = False,
+    choices: int = 1,
 ) -> Iterator[C]:
     """Yield ``chunks`` guarded by ``policy``'s output rules.
 
-    With ``close_on_block`` the upstream is closed once every choice is blocked
-    (stopping a hosted model from generating more); otherwise it is read to
-    its end so that its usage chunk still arrives.
+    With ``close_on_block`` the upstream is closed once a choice is blocked and
+    every other of the request's ``choices`` (its ``n``) has ended, stopping a
+    hosted model from generating more; otherwise it is read to its end so that
+    its usage chunk still arrives.
     """
-    guard = ChunkGuard(policy, on_trip)
+    guard = ChunkGuard(policy, on_trip, choices)
     iterator = iter(chunks)
     try:
         for chunk in iterator:
@@ -176,9 +189,10 @@ async def aguard_stream(
     *,
     on_trip: TripCallback | None = None,
     close_on_block: bool = False,
+    choices: int = 1,
 ) -> AsyncIterator[C]:
     """The asynchronous ``guard_stream``."""
-    guard = ChunkGuard(policy, on_trip)
+    guard = ChunkGuard(policy, on_trip, choices)
     try:
         async for chunk in chunks:
             guarded = guard.apply(chunk)

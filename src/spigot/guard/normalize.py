@@ -6,6 +6,10 @@ folding works one character at a time so that a stream can be folded as it
 arrives: NFKD decomposition and case folding are both defined per character
 (unlike NFC composition, which would need to see the next character), so
 "é" and "e" + U+0301 fold to the same characters whichever way they arrive.
+
+Combining marks (accents, dots, rings) are then dropped: their canonical
+order could only be restored by looking across characters, and a guard
+should not be defeated by an accent ("púrple" still matches "purple").
 """
 
 from __future__ import annotations
@@ -15,19 +19,20 @@ from functools import lru_cache
 
 
 def is_word_char(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
+    # A combining mark belongs to the letter before it ("e" + U+0301 is one letter).
+    return ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M")
 
 
 @lru_cache(maxsize=8192)
 def fold_char(ch: str, case_sensitive: bool) -> str:
-    """The folded form of one character (possibly several characters, never whitespace)."""
+    """The folded form of one character: possibly several characters, or none (a mark)."""
     if not case_sensitive:
         ch = ch.casefold()
     folded = unicodedata.normalize("NFKD", ch)
     if not case_sensitive:
         # Case folding after decomposition catches what decomposition uncovers.
         folded = unicodedata.normalize("NFKD", folded.casefold())
-    return folded
+    return "".join(c for c in folded if not unicodedata.combining(c))
 
 
 def fold_text(text: str, case_sensitive: bool) -> str:

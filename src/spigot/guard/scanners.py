@@ -57,7 +57,12 @@ class Scanner(Protocol):
 
 
 class PhraseScanner:
-    """Many phrases through one automaton over folded text."""
+    """Many phrases through one automaton over folded text.
+
+    A match is decided one character after it ends: combining marks that follow
+    belong to it (they fold to nothing), and a whole-word match needs to see
+    that the next character is not part of a word.
+    """
 
     def __init__(
         self, automaton: Automaton, case_sensitive: bool, whole_word: tuple[bool, ...]
@@ -70,11 +75,13 @@ class PhraseScanner:
         self._in_space = False
         # Stream position of each recent folded character (as many as the longest phrase).
         self._origins: deque[int] = deque(maxlen=max(automaton.depth))
-        self._candidates: list[Match] = []  # whole-word matches waiting for the next character
+        # Whether each of those folded characters is the first of its character's folding.
+        self._starts_char: deque[bool] = deque(maxlen=max(automaton.depth))
+        self._open: list[Match] = []  # matches that end at the last folded character
         self.keep_from = 0
 
     def scan(self, window: Window, final: bool, found: list[Match]) -> int:
-        ac, origins, state = self._ac, self._origins, self._state
+        ac, origins, starts, state = self._ac, self._origins, self._starts_char, self._state
         step, out, whole_word = ac.step, ac.out, self._whole_word
         buf, base = window.buf, window.base
         for at in range(self._done, window.seen):
@@ -87,37 +94,43 @@ class PhraseScanner:
             else:
                 self._in_space = False
                 folded = fold_char(ch, self._case_sensitive)
-            for f in folded:
+                if not folded:  # a combining mark: part of what it follows
+                    self._open = [Match(m.start, at + 1, m.rule) for m in self._open]
+                    continue
+            if self._open:
+                self._decide(window, at, found)
+            last = len(folded) - 1
+            for k, f in enumerate(folded):
                 state = step(state, f)
                 origins.append(at)
+                starts.append(k == 0)
                 for label, length in out[state]:
-                    match = Match(origins[-length], at + 1, label)
-                    if whole_word[label]:
-                        self._candidates.append(match)
-                    else:
-                        found.append(match)
+                    # A whole word neither starts nor ends inside one character's
+                    # folding ("mas" is not a word of "Maß", which folds to "mass").
+                    if not whole_word[label] or (k == last and starts[-length]):
+                        self._open.append(Match(origins[-length], at + 1, label))
         self._state = state
         self._done = window.seen
-
-        waiting: list[Match] = []
-        for match in self._candidates:
-            if match.start > 0 and is_word_char(window.char(match.start - 1)):
-                continue
-            if match.end < window.seen:
-                if not is_word_char(window.char(match.end)):
-                    found.append(match)
-            elif final:
-                found.append(match)
-            else:
-                waiting.append(match)
-        self._candidates = waiting
+        if final and self._open:
+            self._decide(window, None, found)
 
         depth = ac.depth[state]
         hold = window.seen if final or not depth else origins[-depth]
-        for match in waiting:
+        for match in self._open:
             hold = min(hold, match.start)
         self.keep_from = hold - 1  # the character before a match decides a whole word
         return hold
+
+    def _decide(self, window: Window, next_at: int | None, found: list[Match]) -> None:
+        """Settle the open matches, now that the character at ``next_at`` (or the end) is known."""
+        for match in self._open:
+            if self._whole_word[match.rule] and (
+                (match.start > 0 and is_word_char(window.char(match.start - 1)))
+                or (next_at is not None and is_word_char(window.char(next_at)))
+            ):
+                continue
+            found.append(match)
+        self._open = []
 
 
 class PatternScanner:
@@ -143,25 +156,34 @@ class PatternScanner:
 
     def scan(self, window: Window, final: bool, found: list[Match]) -> int:
         buf, base, seen = window.buf, window.base, window.seen
+        pattern, max_len = self._pattern, self._max_len
         pos, hold = self._pos, seen
         while pos < seen:
-            m = self._pattern.search(buf, pos - base, partial=not final)
+            m = pattern.search(buf, pos - base, partial=not final)
             if m is None:
                 pos = seen
                 break
             start, end = m.start() + base, m.end() + base
+            if not final and not m.partial:
+                # ``regex`` prefers a complete match anywhere to an earlier partial one.
+                earlier = self._earliest_partial(window, max(pos, seen - max_len), start)
+                if earlier is not None:
+                    pos = hold = earlier
+                    break
+            # One character more than max_len: a lookahead may need to see past the match.
+            settled = final or seen - start > max_len
             if m.partial:
-                if seen - start >= self._max_len:
-                    pos = start + 1  # would only complete longer than the declared maximum
+                if settled:
+                    pos = start + 1  # it could only complete longer than the declared maximum
                     continue
-                hold = start
+                pos = hold = start
                 break
             if end == start:
                 pos = start + 1
                 continue
-            if end >= seen and not final:
-                # It could still grow, or a lookahead could still fail: wait for one more char.
-                hold = start
+            if not settled and (end >= seen or self._could_grow(window, start)):
+                # More text could still make this a longer match, or fail a lookahead.
+                pos = hold = start
                 break
             if self._validate is not None and not self._validate(m.group()):
                 pos = start + 1
@@ -171,6 +193,19 @@ class PatternScanner:
         self._pos = min(pos, hold)
         self.keep_from = self._pos - CONTEXT
         return hold
+
+    def _earliest_partial(self, window: Window, lo: int, hi: int) -> int | None:
+        """The first position in [lo, hi) where the text so far is the start of a match."""
+        match, buf, base = self._pattern.match, window.buf, window.base
+        for at in range(max(lo, base), hi):
+            m = match(buf, at - base, partial=True)
+            if m is not None and m.partial:
+                return at
+        return None
+
+    def _could_grow(self, window: Window, start: int) -> bool:
+        """Whether the text from ``start`` to the end could still begin a (longer) match."""
+        return self._pattern.fullmatch(window.buf, start - window.base, partial=True) is not None
 
 
 class PluginFinder(Protocol):

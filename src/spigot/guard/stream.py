@@ -80,16 +80,20 @@ class TextGuard:
         window = self._window
         found = self._pending
         limit = window.seen
-        try:
-            for scanner in self._scanners:
+        for scanner in list(self._scanners):
+            try:
                 limit = min(limit, scanner.scan(window, final, found))
-        except PluginError as exc:
-            # Fail closed: a rule that cannot decide must not let text through.
-            rule = self._rules[exc.label]
-            log.error("guard rule %s failed, blocking: %s", rule.id, exc)
-            self.blocked = Trip(rule.id, "block", self._released, window.seen)
-            self._pending = []
-            return Released("", [self.blocked], self.blocked, 0)
+            except PluginError as exc:
+                rule = self._rules[exc.label]
+                if rule.action == "flag":  # it could only have recorded: go on without it
+                    log.error("guard rule %s failed, dropped for this stream: %s", rule.id, exc)
+                    self._scanners.remove(scanner)
+                    continue
+                # Fail closed: a rule that cannot decide must not let text through.
+                log.error("guard rule %s failed, blocking: %s", rule.id, exc)
+                self.blocked = Trip(rule.id, "block", self._released, window.seen)
+                self._pending = []
+                return Released("", [self.blocked], self.blocked, 0)
         found.sort(key=lambda m: (m.start, _ACTION_ORDER[self._rules[m.rule].action], -m.end))
 
         out: list[str] = []
