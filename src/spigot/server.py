@@ -24,6 +24,10 @@ def build_state(settings: Settings) -> ServerState:
     metering = None
     if settings.db is not None:
         store = open_store(settings.db)
+        # One server per SQLite file: reservations left by a killed predecessor would
+        # otherwise hold budget and concurrency until they go stale.
+        if store.dialect == "sqlite" and (cleared := store.clear_reservations()):
+            log.info("dropped %d reservation(s) left by an earlier run", cleared)
         metering = Metering(store, settings.prices, require_auth=settings.require_auth)
         log.info("metering: keys and ledger in %s", store.dialect)
     engines: dict[str, AsyncEngine] = {}

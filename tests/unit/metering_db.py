@@ -2,7 +2,8 @@
 
 As in test_metering_store.py: one fresh PostgreSQL database per test module (on the server
 named by SPIGOT_TEST_POSTGRES, dropped at the end), emptied before each test; PostgreSQL tests
-are skipped when that server cannot be reached.
+fail when that server cannot be reached
+(SPIGOT_TEST_POSTGRES_OPTIONAL=1 skips them instead).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def pg_database() -> Iterator[PgDatabase]:
     try:
         database = PgDatabase()
     except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
+        # A missing server is a failure, never a silent skip, unless asked for.
+        if os.environ.get("SPIGOT_TEST_POSTGRES_OPTIONAL") == "1":
+            pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
+        pytest.fail(f"no PostgreSQL at {PG_SERVER} (set SPIGOT_TEST_POSTGRES): {exc}")
     try:
         yield database
     finally:

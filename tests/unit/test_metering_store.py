@@ -2,7 +2,8 @@
 
 Every store test runs on both backends. PostgreSQL: one fresh database per module (created on
 the server named by SPIGOT_TEST_POSTGRES, dropped at the end), emptied before each test;
-skipped when that server cannot be reached.
+failed when that server cannot be reached
+(SPIGOT_TEST_POSTGRES_OPTIONAL=1 skips them instead).
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def pg_server() -> Iterator[PgServer]:
     try:
         server = PgServer()
     except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
+        # A missing server is a failure, never a silent skip, unless asked for.
+        if os.environ.get("SPIGOT_TEST_POSTGRES_OPTIONAL") == "1":
+            pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
+        pytest.fail(f"no PostgreSQL at {PG_SERVER} (set SPIGOT_TEST_POSTGRES): {exc}")
     try:
         yield server
     finally:

@@ -19,6 +19,7 @@ from spigot import __version__
 from spigot.api import admin, chat, completions, models, tokens
 from spigot.api.responses import error_response, json_response
 from spigot.api.state import ServerState
+from spigot.api.streaming import ClientDisconnected
 from spigot.errors import InvalidRequest, NotFound, Overloaded, SpigotError
 from spigot.metering import StoreError
 
@@ -65,6 +66,12 @@ async def _spigot_error(request: Request, exc: Exception) -> Response:
     if exc.status >= 500:
         log.warning("%s: %s", request.state.request_id, exc.message)
     return error_response(exc)
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    # Nobody is there to read it; generation was aborted and usage recorded already.
+    log.info("%s: the client left before the response", request.state.request_id)
+    return Response(status_code=499)
 
 
 async def _store_error(request: Request, exc: Exception) -> Response:
@@ -129,5 +136,6 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_exception_handler(SpigotError, _spigot_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(StoreError, _store_error)
+    app.add_exception_handler(ClientDisconnected, _client_left)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -178,6 +178,7 @@ async def create_completion(request: Request) -> Response:
         streamed=bool(body.stream),
         prompt_tokens=prompt_tokens,
         key_id=key.id if key is not None else None,
+        n=n,
     )
     headers = reservation.headers if reservation is not None else None
     completion_id = new_id("cmpl")

@@ -45,13 +45,19 @@ class RequestRecord:
     finish_reasons: list[str] = field(default_factory=list)
     status: str = "ok"  # ok | disconnected | error
     key_id: int | None = None  # the API key it ran under, when keys are in use
+    n: int = 1  # choices per prompt: choice i belongs to prompt i // n
+    _cached_by_prompt: dict[int, int] = field(default_factory=dict)
 
-    def add_usage(self, usage: Usage | None) -> None:
-        if usage is not None:
-            self.completion_tokens += usage.completion_tokens
-            # With n > 1 every choice may reuse the same cached prefix; the prompt is
-            # counted (and billed) once, so its cached part is never more than it.
-            self.cached_tokens = min(self.prompt_tokens, self.cached_tokens + usage.cached_tokens)
+    def add_usage(self, usage: Usage | None, choice_index: int = 0) -> None:
+        if usage is None:
+            return
+        self.completion_tokens += usage.completion_tokens
+        # The n choices of a prompt each report the prompt's cached part, but the
+        # prompt is counted (and billed) once: take its best choice, not the sum.
+        prompt = choice_index // self.n
+        best = max(self._cached_by_prompt.get(prompt, 0), usage.cached_tokens)
+        self._cached_by_prompt[prompt] = best
+        self.cached_tokens = sum(self._cached_by_prompt.values())
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:

@@ -60,7 +60,7 @@ def error_body(message: str) -> dict[str, Any]:
 
 def _account(record: RequestRecord, output: GenOutput) -> None:
     if output.finished:
-        record.add_usage(output.usage)
+        record.add_usage(output.usage, output.choice_index)
 
 
 def _visible(

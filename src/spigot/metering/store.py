@@ -442,6 +442,12 @@ class Store:
             tx.one(f"SELECT id FROM api_keys WHERE id = ?{tx.for_update}", (owner[0],))
             return self._drop_reservation(tx, request_id, owner[0], used_tokens=0)
 
+    def clear_reservations(self) -> int:
+        """Forgets every open reservation. Only for a server that alone uses this store,
+        starting up: whatever its reservations belonged to died with its last process."""
+        with self._db.transaction() as tx:
+            return tx.execute("DELETE FROM reservations")
+
     @staticmethod
     def _drop_reservation(tx: Tx, request_id: str, key_id: int, *, used_tokens: int) -> bool:
         held = tx.one(
