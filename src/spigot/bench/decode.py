@@ -115,7 +115,8 @@ def start_server(port: int, threads: int, parallel: int) -> object:
     process = subprocess.Popen(
         [
             sys.executable, "-m", "spigot", "serve", "--port", str(port),
-            "--threads", str(threads), "--parallel", str(parallel), "--log-level", "warning",
+            "--threads", str(threads), "--parallel", str(parallel), "--no-metering",
+            "--log-level", "warning",
         ]
     )  # fmt: skip
     deadline = time.monotonic() + 120

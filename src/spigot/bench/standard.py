@@ -186,9 +186,11 @@ def pick_port(preferred: int) -> int:
 
 
 def spigot_command(port: int, threads: int, parallel: int, *extra: str) -> list[str]:
+    # --no-metering: the engine is measured, and the user's ./spigot.db (keys!) stays out of it.
     return [
         sys.executable, "-m", "spigot", "serve", "--port", str(port), "--threads", str(threads),
-        "--parallel", str(parallel), "--ctx-size", str(CTX_SIZE), *extra, "--log-level", "warning",
+        "--parallel", str(parallel), "--ctx-size", str(CTX_SIZE), *extra, "--no-metering",
+        "--log-level", "warning",
     ]  # fmt: skip
 
 
