@@ -88,3 +88,16 @@ def test_command_cli_prints_the_command(capsys: pytest.CaptureFixture[str]) -> N
 def test_compiled_features() -> None:
     info = "CPU : SSE3 = 1 | AVX2 = 1 | BMI2 = 0 | AMX_INT8 = 1 | REPACK = 1 |"
     assert peers.compiled_features(info) == {"SSE3", "AVX2", "AMX_INT8", "REPACK"}
+
+
+def test_the_no_amx_build_asks_only_for_extensions_the_cpu_has() -> None:
+    from spigot.bench.peers import no_amx_cmake_args
+
+    plain = no_amx_cmake_args(frozenset({"avx2", "fma", "f16c"}))
+    assert "AVX512" not in plain and "AMX" not in plain
+    assert "-DGGML_NATIVE=OFF" in plain
+    full = no_amx_cmake_args(
+        frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"})
+    )
+    assert "-DGGML_AVX512=ON" in full and "-DGGML_AVX512_BF16=ON" in full
+    assert "AMX" not in full

@@ -13,7 +13,7 @@ The AMX workaround, as spigot applies it (``use_extra_bufts = False``), per peer
 ggml's AMX path crashes on these machines, so ``llama-server`` always runs
 with ``--no-repack`` (``-nr``), and llama-cpp-python, whose server has no switch
 for extra buffer types, is compiled without AMX (``GGML_NATIVE=OFF`` plus the
-AVX-512 family, see ``NO_AMX_CMAKE_ARGS``); ``setup`` checks the result.
+vector extensions this CPU has, see ``no_amx_cmake_args``); ``setup`` checks the result.
 
     python -m spigot.bench.peers setup              # build both (skips what is built)
     python -m spigot.bench.peers command llama-server
@@ -52,11 +52,32 @@ LLAMA_SERVER_CMAKE_ARGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DCMAKE_BUILD_TYPE=Release",
 )
-# llama-cpp-python's server: no AMX compiled in at all.
-NO_AMX_CMAKE_ARGS = (
-    "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-    "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+# llama-cpp-python's server: no AMX compiled in at all, and no extension the CPU lacks
+# (an AVX-512 build dies with SIGILL on a CPU without it).
+BASE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+AVX512_CMAKE_ARGS = (  # (cpuinfo flag, ggml option)
+    ("avx512f", "-DGGML_AVX512=ON"),
+    ("avx512_vnni", "-DGGML_AVX512_VNNI=ON"),
+    ("avx512_bf16", "-DGGML_AVX512_BF16=ON"),
 )
+
+
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def no_amx_cmake_args(flags: frozenset[str] | None = None) -> str:
+    flags = cpu_flags() if flags is None else flags
+    extra = [option for flag, option in AVX512_CMAKE_ARGS if flag in flags]
+    return " ".join([BASE_CMAKE_ARGS, *extra])
+
 BUILD_JOBS = 2
 NICE = ("nice", "-n", "10")
 
@@ -69,7 +90,7 @@ DEFAULT_PORT = 8001
 STAMP = "spigot-peers.json"
 # x86 AMX code (tile registers, tile config): none may be in the llama-cpp-python peer.
 AMX_MARKERS = ("%tmm", "ldtilecfg")
-# ggml features that NO_AMX_CMAKE_ARGS leaves off but -march=native may turn on.
+# ggml features that no_amx_cmake_args leaves off but -march=native may turn on.
 NATIVE_ONLY_FEATURES = frozenset({"AMX_INT8", "AVX_VNNI", "AVX512_VBMI"})
 
 
@@ -295,7 +316,7 @@ def compiled_features(system_info: str) -> set[str]:
 
 
 def _check_no_amx(python: Path) -> dict[str, object]:
-    """Fail unless the llama-cpp-python peer is the ``NO_AMX_CMAKE_ARGS`` build.
+    """Fail unless the llama-cpp-python peer is the ``no_amx_cmake_args`` build.
 
     No AMX compiled in, and none of the ISA extensions that only a ``-march=native``
     build (pip's cached default wheel, say) would turn on, so the check also tells
@@ -330,7 +351,7 @@ def _llama_cpp_python_works(python: Path) -> bool:
 
 
 def _llama_cpp_python_stamp() -> dict[str, object]:
-    return {"version": LLAMA_CPP_PYTHON_VERSION, "CMAKE_ARGS": NO_AMX_CMAKE_ARGS}
+    return {"version": LLAMA_CPP_PYTHON_VERSION, "CMAKE_ARGS": no_amx_cmake_args()}
 
 
 def ensure_llama_cpp_python_server() -> Path:
@@ -349,7 +370,7 @@ def ensure_llama_cpp_python_server() -> Path:
     _run_logged([sys.executable, "-m", "venv", str(venv)], log)
     env = {
         **os.environ,
-        "CMAKE_ARGS": NO_AMX_CMAKE_ARGS,
+        "CMAKE_ARGS": no_amx_cmake_args(),
         "CMAKE_BUILD_PARALLEL_LEVEL": str(BUILD_JOBS),
     }
     # --no-binary forces a build from the sdist; --no-cache-dir keeps pip from
