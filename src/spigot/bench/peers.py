@@ -78,6 +78,7 @@ def no_amx_cmake_args(flags: frozenset[str] | None = None) -> str:
     extra = [option for flag, option in AVX512_CMAKE_ARGS if flag in flags]
     return " ".join([BASE_CMAKE_ARGS, *extra])
 
+
 BUILD_JOBS = 2
 NICE = ("nice", "-n", "10")
 
