@@ -43,7 +43,7 @@ import pytest
 from spigot.api.metering import KEYS_EXIST_TTL
 from spigot.metering import ApiKey, LedgerEntry, Price, cost, open_store
 from tests.e2e.server import ROOT, RunningServer, start_server
-from tests.unit.metering_db import PgDatabase, pg_database  # noqa: F401 (a fixture)
+from tests.unit.metering_db import PgDatabase, pg_database, pg_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.e2e
 

@@ -27,38 +27,60 @@ PG_SERVER = os.environ.get("SPIGOT_TEST_POSTGRES", "postgresql://postgres@127.0.
 TABLES = ("api_keys", "reservations", "rate_windows", "ledger", "usage_daily")
 
 
-class PgDatabase:
-    """One database made for a test module, migrated once, dropped by ``close``."""
+class PgServer:
+    """Creates databases on the test server and drops them all at ``close``."""
 
     def __init__(self) -> None:
         self.admin = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=3)
-        self.name = f"spigot_test_{secrets.token_hex(6)}"
-        self.admin.execute(f'CREATE DATABASE "{self.name}"')
-        self.url = urlunsplit(urlsplit(PG_SERVER)._replace(path=f"/{self.name}"))
-        open_store(self.url).close()
+        self.created: list[str] = []
 
-    def empty(self) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    def create(self) -> str:
+        """A new, empty database's URL."""
+        name = f"spigot_test_{secrets.token_hex(6)}"
+        self.admin.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        return urlunsplit(urlsplit(PG_SERVER)._replace(path=f"/{name}"))
 
     def close(self) -> None:
-        self.admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        for name in self.created:
+            self.admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self.admin.close()
 
 
+def empty(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+
+
+class PgDatabase:
+    """One migrated database made for a test module."""
+
+    def __init__(self, server: PgServer) -> None:
+        self.url = server.create()
+        open_store(self.url).close()
+
+    def empty(self) -> None:
+        empty(self.url)
+
+
 @pytest.fixture(scope="module")
-def pg_database() -> Iterator[PgDatabase]:
+def pg_server() -> Iterator[PgServer]:
     try:
-        database = PgDatabase()
+        server = PgServer()
     except psycopg.OperationalError as exc:
         # A missing server is a failure, never a silent skip, unless asked for.
         if os.environ.get("SPIGOT_TEST_POSTGRES_OPTIONAL") == "1":
             pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
         pytest.fail(f"no PostgreSQL at {PG_SERVER} (set SPIGOT_TEST_POSTGRES): {exc}")
     try:
-        yield database
+        yield server
     finally:
-        database.close()
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def pg_database(pg_server: PgServer) -> PgDatabase:
+    return PgDatabase(pg_server)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

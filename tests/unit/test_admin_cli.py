@@ -21,6 +21,7 @@ from tests.unit import metering_db
 # The shared database fixtures: pytest looks fixtures up by name in the module.
 db_url = metering_db.db_url
 pg_database = metering_db.pg_database
+pg_server = metering_db.pg_server
 
 cli = click.Group(commands=[keys, usage])
 

@@ -8,8 +8,6 @@ failed when that server cannot be reached
 
 from __future__ import annotations
 
-import os
-import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -42,9 +39,11 @@ from spigot.metering import (
 from spigot.metering.db import connect, sqlite_path
 from spigot.metering.keys import hash_secret, key_prefix, new_secret
 from spigot.metering.migrations import LATEST, migrate
+from tests.unit import metering_db
+from tests.unit.metering_db import TABLES, PgServer
 
-PG_SERVER = os.environ.get("SPIGOT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-TABLES = ("api_keys", "reservations", "rate_windows", "ledger", "usage_daily")
+pg_server = metering_db.pg_server
+
 # Whole seconds, ten seconds into a minute: the rate window ends 50 s later.
 T0 = datetime(2030, 1, 1, 0, 0, 10, tzinfo=UTC)
 WINDOW_LEFT = 50.0
@@ -58,41 +57,6 @@ def at(seconds: float) -> datetime:
 
 
 # -- databases -----------------------------------------------------------------------------
-
-
-class PgServer:
-    """Creates databases on the test server and drops them all at the end."""
-
-    def __init__(self) -> None:
-        self.admin = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=3)
-        self.created: list[str] = []
-
-    def create(self) -> str:
-        name = f"spigot_test_{secrets.token_hex(6)}"
-        self.admin.execute(f'CREATE DATABASE "{name}"')
-        self.created.append(name)
-        parts = urlsplit(PG_SERVER)
-        return urlunsplit(parts._replace(path=f"/{name}"))
-
-    def close(self) -> None:
-        for name in self.created:
-            self.admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        self.admin.close()
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    try:
-        server = PgServer()
-    except psycopg.OperationalError as exc:
-        # A missing server is a failure, never a silent skip, unless asked for.
-        if os.environ.get("SPIGOT_TEST_POSTGRES_OPTIONAL") == "1":
-            pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
-        pytest.fail(f"no PostgreSQL at {PG_SERVER} (set SPIGOT_TEST_POSTGRES): {exc}")
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
