@@ -2,7 +2,8 @@
 
     SpigotError                      500 server_error
     ├── InvalidRequest               400 invalid_request_error
-    │   └── ContextLengthExceeded    400 invalid_request_error / context_length_exceeded
+    │   ├── ContextLengthExceeded    400 invalid_request_error / context_length_exceeded
+    │   └── ContentFiltered          400 invalid_request_error / content_filter
     ├── AuthenticationFailed         401 invalid_request_error / invalid_api_key
     ├── PermissionDenied             403 permission_error
     ├── NotFound                     404 invalid_request_error
@@ -64,6 +65,12 @@ class InvalidRequest(SpigotError):
 
 class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
+
+
+class ContentFiltered(InvalidRequest):
+    """A prompt matched an input ``block`` rule of the guard policy."""
+
+    default_code = "content_filter"
 
 
 class AuthenticationFailed(SpigotError):

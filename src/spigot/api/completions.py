@@ -86,7 +86,7 @@ class CompletionChunks:
         }
 
     def opening(self, choice: int) -> dict[str, Any] | None:
-        return None  # an echoed prompt is sent as the first text (see ``stream_events``)
+        return None  # an echoed prompt is sent as the first text (see ``StreamedRequest``)
 
     def content(self, output: GenOutput) -> dict[str, Any]:
         logprobs = None

@@ -16,14 +16,10 @@ from dataclasses import dataclass, field
 
 from spigot.engine.async_engine import RequestStream
 from spigot.engine.types import FinishReason, GenOutput
-from spigot.errors import InvalidRequest
+from spigot.errors import ContentFiltered, InvalidRequest
 from spigot.guard import Policy, Released, TextGuard, Trip
 
 log = logging.getLogger("spigot.guard")
-
-
-class ContentFiltered(InvalidRequest):
-    default_code = "content_filter"
 
 
 @dataclass
