@@ -94,11 +94,21 @@ def main() -> None:
 )
 @click.option(
     "--prefill-chunk-decoding",
-    default=32,
+    default=256,
     type=click.IntRange(1),
     envvar="SPIGOT_PREFILL_CHUNK_DECODING",
     show_default=True,
-    help="Most prompt tokens per step while other sequences decode, so their streams stay smooth.",
+    help="Most prompt tokens per step while other sequences decode.",
+)
+@click.option(
+    "--prefill-slowdown",
+    default=2.5,
+    type=click.FloatRange(min=0),
+    envvar="SPIGOT_PREFILL_SLOWDOWN",
+    show_default=True,
+    help="While streams decode, prompt tokens join a step until it takes about this many "
+    "times a decode-only step (timed as the server runs), so their streams stay smooth; "
+    "0 turns the time budget off.",
 )
 @click.option(
     "--prefix-cache/--no-prefix-cache",
@@ -171,6 +181,7 @@ def serve(
     batch_tokens: int,
     prefill_chunk: int,
     prefill_chunk_decoding: int,
+    prefill_slowdown: float,
     prefix_cache: bool,
     prefix_cache_tokens: int,
     guard_file: Path | None,
@@ -225,6 +236,7 @@ def serve(
             batch_tokens=max(batch_tokens, parallel),
             prefill_chunk=prefill_chunk,
             prefill_chunk_decoding=prefill_chunk_decoding,
+            prefill_slowdown=prefill_slowdown,
             prefix_cache=prefix_cache,
             prefix_cache_tokens=prefix_cache_tokens,
         ),

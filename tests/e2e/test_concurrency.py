@@ -150,7 +150,7 @@ def test_streams_keep_flowing_while_a_long_prompt_prefills(server: RunningServer
     got = b""
     while got.count(b"data: ") < 3:
         got += short.recv(65536)
-    # About 2,000 tokens: eight prefill chunks of 256.
+    # About 2,000 tokens, prefilled a time-budgeted chunk per step while the short stream decodes.
     long_text = "The quick brown fox jumps over the lazy dog. " * 200
     long = _raw_stream_request(
         server,

@@ -6,6 +6,7 @@ real model end to end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,9 @@ class FakeModel:
     full_at_step: int | None = None  # decode returns 1 (no KV room) on this step
     steps: int = 0
     removed: list[tuple[int, int]] = field(default_factory=list)  # (slot, keep)
+    # Simulated time: each decode advances ``now`` by step_seconds(tokens in the batch).
+    step_seconds: Callable[[int], float] | None = None
+    now: float = 0.0
 
     def __post_init__(self) -> None:
         self.pieces = PIECES
@@ -71,8 +75,13 @@ class FakeModel:
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         return [token_of(c) if c in LETTERS else token_of(" ") for c in text]
 
+    def clock(self) -> float:
+        return self.now
+
     def decode(self) -> int:
         self.steps += 1
+        if self.step_seconds is not None:
+            self.now += self.step_seconds(self.batch.n_tokens)
         if self.fail_at_step is not None and self.steps == self.fail_at_step:
             return -1
         if self.full_at_step is not None and self.steps == self.full_at_step:

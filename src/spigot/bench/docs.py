@@ -274,22 +274,24 @@ def render_interference(entry: dict[str, Any]) -> str:
     what = (
         f"`--parallel {data['parallel']}` (so the long prompt does not wait for a slot), "
         f"{data['streams']} streams of {data['tokens']} tokens, a ~{data['prompt_tokens']:,}-token "
-        f"prompt, a fresh server per measurement, {_medians(data['rounds'])}"
+        f"prompt, a fresh server per measurement; the streams' median gap is taken outside "
+        f"the long prompt's prefill, the p99 during it; {_medians(data['rounds'])}"
     )
     lines = [
-        "| `--prefill-chunk-decoding` | streams' inter-token median | p99 during the prefill "
-        "| p99 / median | long prompt TTFT |",
+        "| prompt chunks while streams decode | streams' inter-token median "
+        "| p99 during the prefill | p99 / median | long prompt TTFT |",
         "|---|---|---|---|---|",
     ]
-    for chunk in data["chunks"]:
-        runs = data["results"][str(chunk)]
+    for setting in data["settings"]:
+        runs = data["results"][setting["label"]]
         median = _median(r["gap_median_s"] for r in runs)
         p99 = _median(r["during_p99_s"] for r in runs)
         ratio = _median(
             r["during_p99_s"] / r["gap_median_s"] for r in runs if r["during_p99_s"] is not None
         )
         ttft = _median(r["long_ttft_s"] for r in runs)
-        label = f"{chunk} (default)" if chunk == data["default_chunk"] else str(chunk)
+        flags = " ".join(setting["flags"])
+        label = f"`{flags}`" if flags else "time budget (default)"
         lines.append(
             f"| {label} | {_ms(median, 1)} | {_ms(p99, 1)} "
             f"| {'-' if ratio is None else f'{ratio:.1f}x'} "

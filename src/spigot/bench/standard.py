@@ -81,7 +81,12 @@ class Plan:
     prefix_rounds: int = 5
     prefix_sentences: int = 62  # ~16 tokens each: a ~1,000-token system prompt
     interference_parallel: int = 16
-    interference_chunks: tuple[int, ...] = (32, 256)
+    # (label, extra serve flags): the default time budget against fixed chunks.
+    interference_settings: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("default", ()),
+        ("fixed-32", ("--prefill-slowdown", "0", "--prefill-chunk-decoding", "32")),
+        ("fixed-256", ("--prefill-slowdown", "0", "--prefill-chunk-decoding", "256")),
+    )
     interference_rounds: int = 3
     interference_streams: int = 8
     interference_tokens: int = 400
@@ -338,23 +343,16 @@ def run_prefix(plan: Plan, logs: Path, say: Say) -> dict[str, Any]:
 
 def run_interference(plan: Plan, logs: Path, say: Say) -> dict[str, Any]:
     from spigot.bench import interference
-    from spigot.engine.async_engine import EngineOptions
     from spigot.models import EMBEDDED_MODEL_ID
 
     port = pick_port(8790)
     launches = {
-        chunk: Launch(
-            f"spigot-chunk-{chunk}",
-            spigot_command(
-                port,
-                plan.threads,
-                plan.interference_parallel,
-                "--prefill-chunk-decoding",
-                str(chunk),
-            ),
+        label: Launch(
+            f"spigot-{label}",
+            spigot_command(port, plan.threads, plan.interference_parallel, *flags),
             port,
         )
-        for chunk in plan.interference_chunks
+        for label, flags in plan.interference_settings
     }
     commands = []
     for launch in launches.values():
@@ -367,13 +365,13 @@ def run_interference(plan: Plan, logs: Path, say: Say) -> dict[str, Any]:
         commands += [f"{shown(launch.cmd)} &", shown(measure), "kill %1"]
     if plan.interference_rounds > 1:
         commands.insert(0, f"# {plan.interference_rounds} rounds, the order flipping every round")
-    results: dict[str, list[dict[str, Any]]] = {str(c): [] for c in launches}
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label in launches}
     for round_no in range(plan.interference_rounds):
         # A fresh server each time: the prefix cache would otherwise serve the
         # long prompt from an earlier round. The order flips every round.
-        chunks = list(launches) if round_no % 2 == 0 else list(launches)[::-1]
-        for chunk in chunks:
-            with serving(launches[chunk], logs, say) as launch:
+        labels = list(launches) if round_no % 2 == 0 else list(launches)[::-1]
+        for label in labels:
+            with serving(launches[label], logs, say) as launch:
                 result = asyncio.run(
                     interference.measure(
                         launch.base_url,
@@ -383,10 +381,10 @@ def run_interference(plan: Plan, logs: Path, say: Say) -> dict[str, Any]:
                         plan.interference_prompt_tokens,
                     )
                 )
-            results[str(chunk)].append(asdict(result))
+            results[label].append(asdict(result))
             ratio = result.p99_over_median
             say(
-                f"round {round_no + 1} chunk {chunk}: TTFT {result.long_ttft_s:.1f} s, "
+                f"round {round_no + 1} {label}: TTFT {result.long_ttft_s:.1f} s, "
                 f"gap median {result.gap_median_s * 1000:.1f} ms, p99 during prefill "
                 + ("-" if ratio is None else f"{ratio:.1f}x the median")
             )
@@ -398,8 +396,10 @@ def run_interference(plan: Plan, logs: Path, say: Say) -> dict[str, Any]:
             "tokens": plan.interference_tokens,
             "prompt_tokens": plan.interference_prompt_tokens,
             "rounds": plan.interference_rounds,
-            "chunks": list(plan.interference_chunks),
-            "default_chunk": EngineOptions().prefill_chunk_decoding,
+            "settings": [
+                {"label": label, "flags": list(flags)}
+                for label, flags in plan.interference_settings
+            ],
             "results": results,
         },
     }

@@ -39,7 +39,8 @@ class EngineOptions:
     threads: int = 2
     batch_tokens: int = 512
     prefill_chunk: int = 256
-    prefill_chunk_decoding: int = 32
+    prefill_chunk_decoding: int = 256
+    prefill_slowdown: float = 2.5
     prefix_cache: bool = True
     prefix_cache_tokens: int = 0
 
@@ -130,7 +131,9 @@ class AsyncEngine:
                 prefix_cache_tokens=options.prefix_cache_tokens,
             )
         )
-        self.core = EngineCore(self.model, scheduler, self._emit_from_thread)
+        self.core = EngineCore(
+            self.model, scheduler, self._emit_from_thread, options.prefill_slowdown
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
@@ -218,7 +221,7 @@ class AsyncEngine:
         if request_id in self._streams:
             self.core.abort(request_id)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float | None]:
         return {**self.core.stats(), "in_flight": len(self._streams)}
 
     # -- engine thread -> loop ---------------------------------------------------

@@ -3,7 +3,9 @@
 Each step it drains its inbox (new requests, aborts), asks the scheduler for
 one batch, decodes it, samples the sequences that completed, turns their
 tokens into text deltas, and hands all of the step's outputs to ``emit`` in
-one call. Admission and aborts take effect at every step.
+one call. Admission and aborts take effect at every step. Each decode is
+timed, so that while streams decode, prompt chunks are sized to a time budget
+(``step_costs.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,11 +23,18 @@ import numpy as np
 from spigot.engine.llamacpp import ArgmaxSampler, LlamaCppModel, Sampler
 from spigot.engine.output import TextAssembler
 from spigot.engine.scheduler import Scheduler, Sequence
+from spigot.engine.step_costs import StepCosts
 from spigot.engine.types import FinishReason, GenOutput, GenRequest, TokenLogprob, Usage
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[list[tuple[str, GenOutput]]], None]
+
+# Prompt tokens per step while streams decode, until the first steps have been
+# timed; and the prompt work a step may always carry, so that a newcomer is not
+# starved while one fast stream decodes.
+FALLBACK_PREFILL_TOKENS = 32
+MIN_PREFILL_SECONDS = 0.04
 
 
 @dataclass(slots=True)
@@ -38,10 +48,23 @@ class _Runtime:
 
 
 class EngineCore:
-    def __init__(self, model: LlamaCppModel, scheduler: Scheduler, emit: Emit) -> None:
+    def __init__(
+        self,
+        model: LlamaCppModel,
+        scheduler: Scheduler,
+        emit: Emit,
+        prefill_slowdown: float = 0.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """``prefill_slowdown``: while streams decode, a step with prompt tokens
+        may take this many times a decode-only step; 0 leaves chunk sizes to
+        the scheduler's token limits alone. ``clock`` times the decodes."""
         self.model = model
         self.scheduler = scheduler
         self._emit = emit
+        self.prefill_slowdown = prefill_slowdown
+        self.costs = StepCosts()
+        self._clock = clock
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spigot-engine", daemon=True)
         self._stopping = False
@@ -65,13 +88,17 @@ class EngineCore:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float | None]:
         """A racy snapshot for /health and tests; good enough for monitoring."""
+        decode_step, prompt_token = self.costs.decode_step_s, self.costs.prompt_token_s
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "kv_used": self.scheduler.kv_used(),
             "steps": self.steps,
+            # The moving averages that size prompt chunks (None until seen).
+            "decode_step_ms": None if decode_step is None else round(decode_step * 1000, 3),
+            "prompt_token_ms": None if prompt_token is None else round(prompt_token * 1000, 3),
         }
 
     # -- engine thread -----------------------------------------------------------
@@ -117,8 +144,15 @@ class EngineCore:
             self.model.clear_memory()
             self.scheduler.forget_cache()
 
+    def _prefill_limit(self) -> int | None:
+        if self.prefill_slowdown <= 0:
+            return None
+        return self.costs.prompt_budget(
+            self.prefill_slowdown, MIN_PREFILL_SECONDS, FALLBACK_PREFILL_TOKENS
+        )
+
     def _step(self) -> None:
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self._prefill_limit())
         for slot, keep in self.scheduler.take_kv_ops():
             self.model.remove_sequence(slot, keep)
         if not plan.chunks:
@@ -134,13 +168,16 @@ class EngineCore:
             )
             if chunk.completes:
                 sample_at.append((seq, idx))
+        started = self._clock()
         rc = self.model.decode()
+        seconds = self._clock() - started
         self.steps += 1
         if rc == 1:
             self._recover_from_full_kv()
             return
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        self.costs.record(plan.num_decode, batch.n_tokens - plan.num_decode, seconds)
 
         sampled: dict[Sequence, int] = {}
         for seq, idx in sample_at:

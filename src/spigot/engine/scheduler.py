@@ -8,7 +8,8 @@ Every step the scheduler:
    decode token, so running streams advance every step;
 3. fills the rest of the step's prefill budget with prompt chunks, oldest
    sequence first, so a long prompt is spread over several steps instead of
-   freezing the running streams;
+   freezing the running streams (while others decode, the engine may cap the
+   budget further by time: ``engine/step_costs.py``);
 4. if the KV pool would overflow, preempts the newest running sequences: their
    KV is dropped and they wait again, to be recomputed from their tokens
    (prompt plus what they generated), so no accepted request is lost.
@@ -86,6 +87,7 @@ class Chunk:
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     preempted_slots: list[int] = field(default_factory=list)
+    num_decode: int = 0  # chunks that are one decode token of a generating sequence
 
     @property
     def num_tokens(self) -> int:
@@ -208,7 +210,9 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, prefill_limit: int | None = None) -> StepPlan:
+        """The next step. ``prefill_limit`` caps prompt tokens further while
+        other sequences decode (the engine's time budget)."""
         plan = StepPlan()
         self._clock += 1
         self._admit(plan)
@@ -220,9 +224,13 @@ class Scheduler:
             if seq.num_pending == 1 and seq.num_computed > 0:
                 plan.chunks.append(Chunk(seq, seq.num_computed, seq.num_computed + 1))
                 budget -= 1
+        plan.num_decode = len(plan.chunks)
         chunk = self.config.prefill_chunk
-        if plan.chunks and self.config.prefill_chunk_decoding is not None:
-            chunk = self.config.prefill_chunk_decoding
+        if plan.num_decode:
+            if self.config.prefill_chunk_decoding is not None:
+                chunk = self.config.prefill_chunk_decoding
+            if prefill_limit is not None:
+                chunk = min(chunk, prefill_limit)
         prefill = min(budget, chunk)
         for seq in self.running:
             if prefill <= 0:
