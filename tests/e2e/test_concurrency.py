@@ -172,6 +172,9 @@ def test_streams_keep_flowing_while_a_long_prompt_prefills(server: RunningServer
         long_started = b'"delta":{"content"' in long_got
     assert long_started
     assert got.count(b"data: ") - before >= 4
+    # The prompt chunks were sized from timed steps of the real engine.
+    stats = server.engine_stats()
+    assert stats["decode_step_ms"] > 0 and stats["prompt_token_ms"] > 0, stats
     short.close()
     long.close()
     server.wait_idle()

@@ -641,3 +641,56 @@ def test_a_cache_budget_keeps_several_prefixes() -> None:
     sched.schedule()
     assert b.slot != a.slot
     assert sched.kv_cached() == 4  # a's prompt (its sampled token never reached the KV)
+
+
+def test_prefill_limit_caps_prompt_tokens_only_while_others_decode() -> None:
+    sched = Scheduler(
+        SchedulerConfig(
+            max_running=2,
+            kv_capacity=10_000,
+            max_step_tokens=512,
+            prefill_chunk=100,
+            prefill_chunk_decoding=50,
+        )
+    )
+    first = make_seq(300, request_id="first")
+    sched.add(first)
+    plan = sched.schedule(lambda decoding, prefilling: 7)
+    assert chunk_of(plan, first).end == 100 and plan.num_decode == 0  # nobody decodes
+    sched.update(plan, {})
+    while first.num_generated == 0:
+        plan = sched.schedule(lambda decoding, prefilling: 7)
+        sched.update(plan, {c.seq: 5 for c in plan.chunks if c.completes})
+    second = make_seq(300, request_id="second")
+    sched.add(second)
+    plan = sched.schedule(lambda decoding, prefilling: 7)
+    assert plan.num_decode == 1
+    assert chunk_of(plan, second).end == 7
+    seen: list[tuple[int, int]] = []
+    sched.schedule(lambda decoding, prefilling: seen.append((decoding, prefilling)) or 7)
+    assert seen == [(1, 1)]
+    sched.update(plan, {c.seq: 5 for c in plan.chunks if c.completes})
+    plan = sched.schedule(lambda decoding, prefilling: 500)  # never beyond the cap
+    assert chunk_of(plan, second).end - chunk_of(plan, second).start == 50
+
+
+def test_finished_sequences_leave_only_the_newest_cache_beyond_the_budget() -> None:
+    # Sequences that ran side by side all leave caches when they finish; the
+    # cached KV slows every later decode step, so beyond prefix_cache_tokens
+    # only the newest stays.
+    for budget, kept in ((0, 1), (10_000, 3)):
+        sched = make_scheduler(max_running=4, prefix_cache=True, prefix_cache_tokens=budget)
+        seqs = [make_seq(10) for _ in range(3)]
+        for seq in seqs:
+            sched.add(seq)
+        run_step(sched)
+        run_step(sched)
+        for seq in seqs:
+            sched.finish(seq, FinishReason.STOP)
+        cached = [slot for slot in sched._free if slot.cached]
+        assert len(cached) == kept, budget
+        assert sched.kv_cached() == 11 * kept  # prompt plus the one token fed back
+        newest = sched._slots[seqs[-1].slot]
+        assert newest.cached == seqs[-1].tokens[:11]
+        dropped = {slot for slot, keep in sched.take_kv_ops() if keep == 0}
+        assert dropped == {s.slot for s in seqs[: 3 - kept]}

@@ -90,13 +90,16 @@ class EngineCore:
 
     def stats(self) -> dict[str, int | float | None]:
         """A racy snapshot for /health and tests; good enough for monitoring."""
-        decode_step, prompt_token = self.costs.decode_step_s, self.costs.prompt_token_s
+        running = self.scheduler.running
+        decode_step = self.costs.decode_step_s(max(len(running), 1))
+        prompt_token = self.costs.prompt_token_s
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "kv_used": self.scheduler.kv_used(),
             "steps": self.steps,
-            # The moving averages that size prompt chunks (None until seen).
+            # The moving averages that size prompt chunks (None until seen),
+            # the decode step for as many streams as run now.
             "decode_step_ms": None if decode_step is None else round(decode_step * 1000, 3),
             "prompt_token_ms": None if prompt_token is None else round(prompt_token * 1000, 3),
         }
@@ -144,15 +147,17 @@ class EngineCore:
             self.model.clear_memory()
             self.scheduler.forget_cache()
 
-    def _prefill_limit(self) -> int | None:
-        if self.prefill_slowdown <= 0:
-            return None
+    def _prefill_limit(self, decoding: int, prefilling: int) -> int:
         return self.costs.prompt_budget(
-            self.prefill_slowdown, MIN_PREFILL_SECONDS, FALLBACK_PREFILL_TOKENS
+            self.prefill_slowdown,
+            MIN_PREFILL_SECONDS,
+            FALLBACK_PREFILL_TOKENS,
+            decoding,
+            prefilling,
         )
 
     def _step(self) -> None:
-        plan = self.scheduler.schedule(self._prefill_limit())
+        plan = self.scheduler.schedule(self._prefill_limit if self.prefill_slowdown > 0 else None)
         for slot, keep in self.scheduler.take_kv_ops():
             self.model.remove_sequence(slot, keep)
         if not plan.chunks:

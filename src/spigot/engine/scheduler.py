@@ -18,7 +18,8 @@ Prefix cache: a finished sequence leaves its KV in its slot. A new sequence
 takes the free slot whose cached tokens share the longest prefix with its
 prompt and computes only the rest (a shared system prompt, the earlier turns
 of a chat). Cached slots count against the KV pool and are evicted, least
-recently freed first, when room is needed.
+recently freed first, when room is needed, and whenever a sequence finishes
+beyond ``prefix_cache_tokens`` (the newest cache always stays).
 
 ``update`` then records what a step produced. No llama.cpp in here: tests
 drive it with hand-made tokens.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,10 +189,24 @@ class Scheduler:
             else:
                 self._kv_ops.append((slot.id, 0))
             self._release(slot)
+            self._trim_caches(keep=slot)
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+
+    def _trim_caches(self, keep: Slot) -> None:
+        # Every decode step attends over the KV pool's used range, cached
+        # prefixes included: caches left by many finished sequences slow all
+        # later streams (a quarter, seen with 6,700 cached tokens). Beyond
+        # ``prefix_cache_tokens``, only the newest cache is kept.
+        limit = max(self.config.prefix_cache_tokens, len(keep.cached))
+        for slot in sorted(self._free, key=lambda s: s.freed_at):
+            if self.kv_cached() <= limit:
+                break
+            if slot is not keep and slot.cached:
+                self._kv_ops.append((slot.id, 0))
+                slot.cached = []
 
     def evict_caches(self) -> bool:
         """Queue the removal of every cached prefix; False if there was none."""
@@ -210,9 +226,9 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------
 
-    def schedule(self, prefill_limit: int | None = None) -> StepPlan:
-        """The next step. ``prefill_limit`` caps prompt tokens further while
-        other sequences decode (the engine's time budget)."""
+    def schedule(self, prefill_limit: Callable[[int, int], int] | None = None) -> StepPlan:
+        """The next step. While sequences decode, ``prefill_limit(decoding,
+        prefilling)`` caps its prompt tokens further (the engine's time budget)."""
         plan = StepPlan()
         self._clock += 1
         self._admit(plan)
@@ -230,7 +246,10 @@ class Scheduler:
             if self.config.prefill_chunk_decoding is not None:
                 chunk = self.config.prefill_chunk_decoding
             if prefill_limit is not None:
-                chunk = min(chunk, prefill_limit)
+                prefilling = sum(
+                    1 for s in self.running if s.num_computed == 0 or s.num_pending > 1
+                )
+                chunk = min(chunk, prefill_limit(plan.num_decode, prefilling))
         prefill = min(budget, chunk)
         for seq in self.running:
             if prefill <= 0:
