@@ -123,8 +123,9 @@ def main() -> None:
     type=click.IntRange(0),
     envvar="SPIGOT_PREFIX_CACHE_TOKENS",
     show_default=True,
-    help="KV tokens kept for prefixes no running sequence shares. Each decode step attends "
-    "over them, so more keeps more distinct prefixes warm at a cost in speed.",
+    help="KV tokens that cached prefixes may hold beyond the newest finished sequence's. "
+    "Each decode step attends over them, so more keeps more distinct prefixes warm at a "
+    "cost in speed.",
 )
 @click.option(
     "--guard",

@@ -694,3 +694,27 @@ def test_finished_sequences_leave_only_the_newest_cache_beyond_the_budget() -> N
         assert newest.cached == seqs[-1].tokens[:11]
         dropped = {slot for slot, keep in sched.take_kv_ops() if keep == 0}
         assert dropped == {s.slot for s in seqs[: 3 - kept]}
+
+
+def test_a_newcomer_served_from_cache_does_not_count_as_a_decoding_stream() -> None:
+    # Its one pending prompt token rides with the decode tokens, but no stream
+    # is decoding yet: the other newcomer's prompt gets the full chunk.
+    sched = Scheduler(
+        SchedulerConfig(
+            max_running=3,
+            kv_capacity=10_000,
+            max_step_tokens=512,
+            prefill_chunk=100,
+            prefill_chunk_decoding=50,
+        )
+    )
+    system = list(range(500, 540))
+    _run_to_finish(sched, _prompted(system, "a"))
+    cached = _prompted(system, "b")
+    fresh = _prompted(list(range(1000, 1200)), "c")
+    sched.add(cached)
+    sched.add(fresh)
+    plan = sched.schedule(lambda decoding, prefilling: 7)
+    assert plan.num_decode == 0
+    assert chunk_of(plan, cached).end - chunk_of(plan, cached).start == 1
+    assert chunk_of(plan, fresh).end == 100  # --prefill-chunk, not 7 nor 50

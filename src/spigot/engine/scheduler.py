@@ -89,7 +89,7 @@ class Chunk:
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     preempted_slots: list[int] = field(default_factory=list)
-    num_decode: int = 0  # chunks that are one decode token of a generating sequence
+    num_decode: int = 0  # chunks that are the next token of a stream already generating
 
     @property
     def num_tokens(self) -> int:
@@ -236,11 +236,14 @@ class Scheduler:
 
         budget = self.config.max_step_tokens
         # Decode first: every sequence with a sampled token pending advances.
+        # (So does a newcomer whose prompt was all cached but its last token;
+        # it is not a stream yet, whose pace prompt chunks must spare.)
         for seq in self.running:
             if seq.num_pending == 1 and seq.num_computed > 0:
                 plan.chunks.append(Chunk(seq, seq.num_computed, seq.num_computed + 1))
                 budget -= 1
-        plan.num_decode = len(plan.chunks)
+                if seq.num_generated > 0:
+                    plan.num_decode += 1
         chunk = self.config.prefill_chunk
         if plan.num_decode:
             if self.config.prefill_chunk_decoding is not None:
