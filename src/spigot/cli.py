@@ -102,7 +102,7 @@ def main() -> None:
 )
 @click.option(
     "--prefill-slowdown",
-    default=2.5,
+    default=3.0,
     type=click.FloatRange(min=0),
     envvar="SPIGOT_PREFILL_SLOWDOWN",
     show_default=True,

@@ -19,8 +19,6 @@ import resource
 import time
 from pathlib import Path
 
-import httpx
-
 from spigot.bench.decode import server_decode, start_server
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -55,7 +53,6 @@ def main() -> None:
         before, client_before, wall_before = thread_cpu(pid), own_cpu(), time.perf_counter()
         rate = asyncio.run(server_decode(url, 1, args.tokens))
         after, client_after, wall = thread_cpu(pid), own_cpu(), time.perf_counter()
-        health = httpx.get(f"http://127.0.0.1:{args.port}/health").json()
     finally:
         server.terminate()  # type: ignore[attr-defined]
         server.wait()  # type: ignore[attr-defined]
@@ -63,8 +60,6 @@ def main() -> None:
     per_token = 1000 / args.tokens
     print(f"one stream, {args.tokens} tokens, {args.threads} llama.cpp threads: {rate:.1f} tok/s")
     print(f"wall: {(wall - wall_before) * per_token:.2f} ms per token")
-    engine = next(iter(health["models"].values()))
-    print(f"llama_decode inside the server: {engine['decode_step_ms']:.2f} ms (moving average)")
     spent = sorted(((after[t] - before.get(t, 0.0), t) for t in after), reverse=True)
     for seconds, tid in spent:
         if seconds * per_token < 0.01:

@@ -40,7 +40,7 @@ class EngineOptions:
     batch_tokens: int = 512
     prefill_chunk: int = 256
     prefill_chunk_decoding: int = 256
-    prefill_slowdown: float = 2.5
+    prefill_slowdown: float = 3.0
     prefix_cache: bool = True
     prefix_cache_tokens: int = 0
 
