@@ -563,6 +563,14 @@ def _url_name(url: str) -> str:
     "(spigot, vLLM and llama.cpp honour them; OpenAI itself rejects them).",
 )
 @click.option(
+    "--unique-prompts/--repeat-prompts",
+    default=False,
+    show_default=True,
+    help="Open each request's first message with its own tag, so that no server answers a "
+    "prompt of the set from a cache of its earlier use (the set repeats every few dozen "
+    "requests). Not for --workload shared-prefix.",
+)
+@click.option(
     "--endpoint",
     type=click.Choice(["chat", "completions"]),
     default="chat",
@@ -628,6 +636,7 @@ def bench_run(
     prompts_file: Path | None,
     max_tokens: int,
     exact_tokens: bool,
+    unique_prompts: bool,
     endpoint: str,
     timeout: float,
     seed: int,
@@ -693,6 +702,7 @@ def bench_run(
         rounds=rounds,
         warmup=warmup,
         exact_tokens=exact_tokens,
+        unique_prompts=unique_prompts,
         raw=raw,
     )
     try:

@@ -575,3 +575,22 @@ def test_prompt_sets_parse_from_lists_or_objects() -> None:
         parse_prompt_set({"prompts": []})
     with pytest.raises(ValueError):
         load_workload("nope")
+
+
+async def test_unique_prompts_tag_every_first_message_alike_for_every_server() -> None:
+    def first_messages(seen: dict[str, list[Any]]) -> list[str]:
+        return [body["messages"][0]["content"] for body in seen["chat"]]
+
+    transport, seen = fake_server()
+    await run_bench(config(requests=40, unique_prompts=True), transport=transport)
+    tagged_texts = first_messages(seen)
+    assert len(tagged_texts) == 80 and len(set(tagged_texts)) == 80  # more than the set holds
+    assert all(text.startswith("[") for text in tagged_texts)
+
+    transport, again = fake_server()
+    await run_bench(config(requests=40, unique_prompts=True), transport=transport)
+    assert first_messages(again) == tagged_texts  # a second server sees the same texts
+
+    transport, plain = fake_server()
+    await run_bench(config(requests=40), transport=transport)
+    assert len(set(first_messages(plain))) < 80  # the set repeats without tags

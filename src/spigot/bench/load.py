@@ -36,7 +36,7 @@ from spigot.bench.request import (
 )
 from spigot.bench.results import assemble, machine_info, server_entry
 from spigot.bench.stats import LevelRun
-from spigot.bench.workloads import Prompt, load_prompt_file, load_workload
+from spigot.bench.workloads import Prompt, load_prompt_file, load_workload, tagged
 from spigot.models import EMBEDDED_MODEL_ID
 
 _PROBE_TIMEOUT_S = 10.0
@@ -75,6 +75,9 @@ class BenchConfig:
     rounds: int = 1
     warmup: int = 1
     exact_tokens: bool = True
+    # Each request's first message starts with its own tag, so no server can
+    # answer a repeated prompt from a cache of an earlier one.
+    unique_prompts: bool = False
     raw: bool = False
 
     def __post_init__(self) -> None:
@@ -262,6 +265,9 @@ async def _run_level(
             if deadline is not None and time.perf_counter() >= deadline:
                 return
             prompt = prompts[order[issued % len(order)]]
+            if config.unique_prompts:
+                # The same tags for every server: they see the same texts.
+                prompt = tagged(prompt, f"[{concurrency}.{round_no}.{issued}]")
             issued += 1
             body = request_body(
                 config.endpoint, server.model, prompt, config.max_tokens, config.exact_tokens

@@ -24,6 +24,8 @@ def header(results: dict[str, Any]) -> str:
     else:
         per_level = "4 requests per worker"
     workload = config["prompts_file"] or config["workload"]
+    if config.get("unique_prompts"):
+        workload += " (each prompt tagged unique)"
     exact = "exactly " if config["exact_tokens"] else "up to "
     rounds = f", {config['rounds']} rounds (medians)" if config["rounds"] > 1 else ""
     return (

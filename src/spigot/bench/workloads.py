@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,13 @@ def parse_prompt_set(data: Any) -> list[Prompt]:
         else:
             raise ValueError(f"prompt {i}: expected a string or an object with 'prompt'")
     return prompts
+
+
+def tagged(prompt: Prompt, tag: str) -> Prompt:
+    """The prompt with ``tag`` opening its first message (the system one if any)."""
+    if prompt.system:
+        return replace(prompt, system=f"{tag} {prompt.system}")
+    return replace(prompt, user=f"{tag} {prompt.user}")
 
 
 def estimate_tokens(text: str) -> int:
