@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -593,27 +594,36 @@ def test_without_prefix_cache_a_finished_slot_is_cleared() -> None:
     assert sched.kv_cached() == 0
 
 
-def test_prefill_chunk_is_smaller_while_others_decode() -> None:
+def _prompt_arriving_while_one_decodes(
+    chunk_decoding: int, prefill_limit: Callable[[int, int], int] | None = None
+) -> tuple[StepPlan, StepPlan, Sequence, Sequence]:
+    """A 300-token prompt prefilled until it decodes, then a second one arriving:
+    the plan of the very first step, the plan of the step the second joins, and
+    the two sequences."""
     sched = Scheduler(
         SchedulerConfig(
             max_running=2,
             kv_capacity=10_000,
             max_step_tokens=512,
             prefill_chunk=100,
-            prefill_chunk_decoding=10,
+            prefill_chunk_decoding=chunk_decoding,
         )
     )
     first = make_seq(300, request_id="first")
     sched.add(first)
-    plan = sched.schedule()
-    assert chunk_of(plan, first).end == 100  # nobody decodes: the full chunk
-    sched.update(plan, {})
+    opening = sched.schedule(prefill_limit)
+    sched.update(opening, {})
     while first.num_generated == 0:
-        plan = sched.schedule()
+        plan = sched.schedule(prefill_limit)
         sched.update(plan, {c.seq: 5 for c in plan.chunks if c.completes})
     second = make_seq(300, request_id="second")
     sched.add(second)
-    plan = sched.schedule()
+    return opening, sched.schedule(prefill_limit), first, second
+
+
+def test_prefill_chunk_is_smaller_while_others_decode() -> None:
+    opening, plan, first, second = _prompt_arriving_while_one_decodes(10)
+    assert chunk_of(opening, first).end == 100  # nobody decodes: the full chunk
     assert chunk_of(plan, first).end - chunk_of(plan, first).start == 1
     assert chunk_of(plan, second).end == 10  # first is decoding: the small chunk
 
@@ -644,34 +654,20 @@ def test_a_cache_budget_keeps_several_prefixes() -> None:
 
 
 def test_prefill_limit_caps_prompt_tokens_only_while_others_decode() -> None:
-    sched = Scheduler(
-        SchedulerConfig(
-            max_running=2,
-            kv_capacity=10_000,
-            max_step_tokens=512,
-            prefill_chunk=100,
-            prefill_chunk_decoding=50,
-        )
-    )
-    first = make_seq(300, request_id="first")
-    sched.add(first)
-    plan = sched.schedule(lambda decoding, prefilling: 7)
-    assert chunk_of(plan, first).end == 100 and plan.num_decode == 0  # nobody decodes
-    sched.update(plan, {})
-    while first.num_generated == 0:
-        plan = sched.schedule(lambda decoding, prefilling: 7)
-        sched.update(plan, {c.seq: 5 for c in plan.chunks if c.completes})
-    second = make_seq(300, request_id="second")
-    sched.add(second)
-    plan = sched.schedule(lambda decoding, prefilling: 7)
+    asked: list[tuple[int, int]] = []
+
+    def limit(decoding: int, prefilling: int) -> int:
+        asked.append((decoding, prefilling))
+        return 7
+
+    opening, plan, first, second = _prompt_arriving_while_one_decodes(50, limit)
+    assert chunk_of(opening, first).end == 100 and opening.num_decode == 0  # nobody decodes
     assert plan.num_decode == 1
     assert chunk_of(plan, second).end == 7
-    seen: list[tuple[int, int]] = []
-    sched.schedule(lambda decoding, prefilling: seen.append((decoding, prefilling)) or 7)
-    assert seen == [(1, 1)]
-    sched.update(plan, {c.seq: 5 for c in plan.chunks if c.completes})
-    plan = sched.schedule(lambda decoding, prefilling: 500)  # never beyond the cap
-    assert chunk_of(plan, second).end - chunk_of(plan, second).start == 50
+    assert asked[-1] == (1, 1)  # one stream decodes, one prompt waits
+    # Never beyond --prefill-chunk-decoding, whatever the limit says.
+    _, plan, _, second = _prompt_arriving_while_one_decodes(50, lambda decoding, prefilling: 500)
+    assert chunk_of(plan, second).end == 50
 
 
 def test_finished_sequences_leave_only_the_newest_cache_beyond_the_budget() -> None:

@@ -90,11 +90,11 @@ class EngineCore:
 
     def stats(self) -> dict[str, int | float | None]:
         """A racy snapshot for /health and tests; good enough for monitoring."""
-        running = self.scheduler.running
-        decode_step = self.costs.decode_step_s(max(len(running), 1))
+        running = len(self.scheduler.running)
+        decode_step = self.costs.decode_step_s(max(running, 1))
         prompt_token = self.costs.prompt_token_s
         return {
-            "running": len(self.scheduler.running),
+            "running": running,
             "waiting": len(self.scheduler.waiting),
             "kv_used": self.scheduler.kv_used(),
             "steps": self.steps,

@@ -201,11 +201,13 @@ class Scheduler:
         # later streams (a quarter, seen with 6,700 cached tokens). Beyond
         # ``prefix_cache_tokens``, only the newest cache is kept.
         limit = max(self.config.prefix_cache_tokens, len(keep.cached))
+        cached = self.kv_cached()
         for slot in sorted(self._free, key=lambda s: s.freed_at):
-            if self.kv_cached() <= limit:
+            if cached <= limit:
                 break
             if slot is not keep and slot.cached:
                 self._kv_ops.append((slot.id, 0))
+                cached -= len(slot.cached)
                 slot.cached = []
 
     def evict_caches(self) -> bool:
