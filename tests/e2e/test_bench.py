@@ -222,3 +222,24 @@ def test_standard_quick_rewrites_only_its_sections(tmp_path: Path) -> None:
     again = bench("standard", "--render-only", "--out", str(doc))
     assert again.returncode == 0, again.stderr
     assert doc.read_text() == drawn
+
+
+def test_unique_prompts_reach_the_server_tagged(server: RunningServer, tmp_path: Path) -> None:
+    prompts = tmp_path / "one.json"
+    prompts.write_text(json.dumps([{"id": "only", "prompt": "Name one colour."}]))
+    means = {}
+    for flag in ("--repeat-prompts", "--unique-prompts"):
+        out = tmp_path / f"{flag}.json"
+        result = bench(
+            "run", "--url", server.base_url, "--concurrency", "1", "--requests", "3",
+            "--max-tokens", "4", "--warmup", "0", "--prompts", str(prompts), flag,
+            "--out", str(out),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (entry,) = json.loads(out.read_text())["servers"]
+        (level,) = entry["levels"]
+        assert level["ok"] == 3
+        means[flag] = level["prompt_tokens_mean"]
+    # The server's own usage counts the tag's tokens in every tagged prompt.
+    assert means["--unique-prompts"] > means["--repeat-prompts"] + 2, means
+    assert "each prompt tagged unique" in result.stdout

@@ -104,3 +104,21 @@ def test_streams_with_the_cache_on_and_repeats_are_stable_once_warm(server: Runn
         texts.append(streamed)
     assert texts[0]
     assert len(set(texts)) == 1
+
+
+def test_streams_that_ran_together_leave_only_the_newest_cache(server: RunningServer) -> None:
+    # Every cached token slows every later decode step, so beyond
+    # --prefix-cache-tokens (0 here) only the last finished sequence's KV stays:
+    # the pool must not hold the other streams' prompts once they are done.
+    from concurrent.futures import ThreadPoolExecutor
+
+    server.wait_idle()
+    systems = [
+        f"Run {uuid.uuid4()}, stream {i}. " + "Tell me about the sea. " * 30 for i in range(3)
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        usages = list(pool.map(lambda s: ask(server, s, "Why?", stream=True), systems))
+    stats = server.wait_idle()
+    longest = max(u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    # Three streams' worth would be about three times this.
+    assert 0 < stats["kv_used"] <= longest, (stats, usages)
