@@ -198,7 +198,7 @@ class Scheduler:
     def _trim_caches(self, keep: Slot) -> None:
         # Every decode step attends over the KV pool's used range, cached
         # prefixes included: caches left by many finished sequences slow all
-        # later streams (a quarter, seen with 6,700 cached tokens). Beyond
+        # later streams (python -m spigot.bench.step_cost measures it). Beyond
         # ``prefix_cache_tokens``, only the newest cache is kept.
         limit = max(self.config.prefix_cache_tokens, len(keep.cached))
         cached = self.kv_cached()
