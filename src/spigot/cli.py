@@ -128,6 +128,16 @@ def main() -> None:
     "cost in speed.",
 )
 @click.option(
+    "--prefix-cache-ram",
+    default=128,
+    type=click.IntRange(0),
+    envvar="SPIGOT_PREFIX_CACHE_RAM",
+    show_default=True,
+    metavar="MIB",
+    help="Host memory for prefixes evicted from the KV pool: a later prompt that starts "
+    "the same way copies its KV back instead of computing it. 0 turns it off.",
+)
+@click.option(
     "--guard",
     "guard_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -185,6 +195,7 @@ def serve(
     prefill_slowdown: float,
     prefix_cache: bool,
     prefix_cache_tokens: int,
+    prefix_cache_ram: int,
     guard_file: Path | None,
     db: str,
     metering: bool,
@@ -240,6 +251,7 @@ def serve(
             prefill_slowdown=prefill_slowdown,
             prefix_cache=prefix_cache,
             prefix_cache_tokens=prefix_cache_tokens,
+            prefix_cache_ram_mb=prefix_cache_ram,
         ),
         host=host,
         port=port,

@@ -122,3 +122,36 @@ def test_streams_that_ran_together_leave_only_the_newest_cache(server: RunningSe
     longest = max(u["prompt_tokens"] + u["completion_tokens"] for u in usages)
     # Three streams' worth would be about three times this.
     assert 0 < stats["kv_used"] <= longest, (stats, usages)
+
+
+def test_a_prefix_evicted_from_the_pool_comes_back_from_host_memory(
+    server: RunningServer,
+) -> None:
+    # The pool keeps only the newest cache; the one it replaces is saved to
+    # host memory (--prefix-cache-ram) and copied back for a prompt that
+    # starts the same way, giving the very KV the pool would have held.
+    server.wait_idle()
+    system = f"Archive {uuid.uuid4()}. " + "You answer questions about old maps. " * 40
+    payload = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Why?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    url = f"{server.base_url}/chat/completions"
+
+    def answer() -> tuple[str, dict]:
+        r = httpx.post(url, json=payload, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return body["choices"][0]["message"]["content"], body["usage"]
+
+    _, cold = answer()
+    assert cold["prompt_tokens_details"]["cached_tokens"] < 10  # the chat template's opening
+    from_pool, warm = answer()  # the pool's own cache
+    assert warm["prompt_tokens_details"]["cached_tokens"] == cold["prompt_tokens"] - 1
+    ask(server, f"Other {uuid.uuid4()}. " + "Talk about rivers. " * 40, "How?")
+    assert server.wait_idle()["saved_prefix_tokens"] >= cold["prompt_tokens"]
+    from_host, restored = answer()
+    assert restored["prompt_tokens_details"]["cached_tokens"] == cold["prompt_tokens"] - 1
+    assert from_host == from_pool

@@ -6,6 +6,7 @@ real model end to end.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +55,9 @@ class FakeModel:
     full_at_step: int | None = None  # decode returns 1 (no KV room) on this step
     steps: int = 0
     removed: list[tuple[int, int]] = field(default_factory=list)  # (slot, keep)
+    saved: list[int] = field(default_factory=list)  # slots copied out, in order
+    loaded: list[int] = field(default_factory=list)  # slots a copy was loaded into
+    fail_loads: bool = False  # load_sequence finds no room
     # Simulated time: each decode advances ``now`` by step_seconds(tokens in the batch).
     step_seconds: Callable[[int], float] | None = None
     now: float = 0.0
@@ -96,6 +100,21 @@ class FakeModel:
 
     def clear_memory(self) -> None:
         pass
+
+    def save_sequence(self, seq_id: int) -> mmap.mmap:
+        self.saved.append(seq_id)
+        data = mmap.mmap(-1, 16)
+        data.write(seq_id.to_bytes(16, "little"))
+        return data
+
+    def load_sequence(self, seq_id: int, data: mmap.mmap) -> bool:
+        if self.fail_loads:
+            return False
+        self.loaded.append(seq_id)
+        return True
+
+    def kv_bytes_per_token(self) -> int:
+        return 1024
 
     def new_sampler(self, params: SamplingParams, *, suppress_eog: bool) -> FakeSampler:
         return FakeSampler(self, suppress_eog)

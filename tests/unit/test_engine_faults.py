@@ -118,6 +118,36 @@ async def test_kv_pool_full_is_recovered_without_losing_anyone(engine_factory) -
     assert all(o.finish_reason is not FinishReason.ERROR for o in outputs)
 
 
+def _long_request(engine: AsyncEngine, text: str) -> GenRequest:
+    return GenRequest(
+        engine.new_request_id(),
+        tuple(token_of(c) for c in text),
+        SamplingParams(max_tokens=3),
+    )
+
+
+async def test_a_saved_prefix_is_loaded_back_and_a_failed_load_loses_nothing(
+    engine_factory,
+) -> None:
+    model = FakeModel()
+    engine = engine_factory(model)
+    shared = "the quick brown fox jumps over the dog "
+    await collect(engine, _long_request(engine, shared + "a"))
+    # An unrelated prompt takes the only cached slot: the first cache is saved.
+    await collect(engine, _long_request(engine, "zzzzzzzzzzzzzzzzzzzzzzzz"))
+    assert model.saved and engine.core.stats()["saved_prefix_tokens"] > 0
+    outputs = await collect(engine, _long_request(engine, shared + "b"))
+    assert model.loaded
+    assert outputs[-1].usage.cached_tokens == len(shared)
+    # A copy that no longer fits: the prompt is computed in full, text unchanged.
+    model.fail_loads = True
+    await collect(engine, _long_request(engine, "yyyyyyyyyyyyyyyyyyyyyyyy"))
+    outputs = await collect(engine, _long_request(engine, shared + "c"))
+    assert "".join(o.text for o in outputs) == "hel"
+    assert outputs[-1].usage.cached_tokens == 0
+    assert outputs[-1].finish_reason is FinishReason.LENGTH
+
+
 @pytest.fixture
 async def app_client(engine_factory) -> AsyncIterator[httpx.AsyncClient]:
     engine = engine_factory(FakeModel(script=[token_of("x")], fail_at_step=4))

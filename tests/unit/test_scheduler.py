@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spigot.engine.scheduler import (
+    MIN_SAVED_TOKENS,
     Chunk,
+    DropKV,
+    ForgetKV,
+    LoadKV,
+    SaveKV,
     Scheduler,
     SchedulerConfig,
     SeqStatus,
@@ -35,6 +40,7 @@ def make_scheduler(
     prefill_chunk: int = 32,
     prefix_cache: bool = False,
     prefix_cache_tokens: int = 0,
+    saved_prefix_tokens: int = 0,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -44,6 +50,7 @@ def make_scheduler(
             prefill_chunk,
             prefix_cache,
             prefix_cache_tokens=prefix_cache_tokens,
+            saved_prefix_tokens=saved_prefix_tokens,
         )
     )
 
@@ -714,3 +721,112 @@ def test_a_newcomer_served_from_cache_does_not_count_as_a_decoding_stream() -> N
     assert plan.num_decode == 0
     assert chunk_of(plan, cached).end - chunk_of(plan, cached).start == 1
     assert chunk_of(plan, fresh).end == 100  # --prefill-chunk, not 7 nor 50
+
+
+# -- the second tier: prefixes saved to host memory ---------------------------
+
+
+def _saving_scheduler(saved_tokens: int = 10_000, **kwargs: int) -> Scheduler:
+    return make_scheduler(
+        max_running=kwargs.get("max_running", 2),
+        kv_capacity=kwargs.get("kv_capacity", 10_000),
+        prefix_cache=True,
+        saved_prefix_tokens=saved_tokens,
+    )
+
+
+def test_an_evicted_cache_is_saved_before_it_is_dropped() -> None:
+    sched = _saving_scheduler()
+    a = _prompted(list(range(1, 41)), "a")
+    _run_to_finish(sched, a)
+    sched.take_kv_ops()
+    b = _prompted(list(range(100, 130)), "b")  # matches nothing: replaces a's cache
+    sched.add(b)
+    sched.schedule()
+    assert b.slot == a.slot
+    ops = sched.take_kv_ops()
+    assert [type(op) for op in ops] == [SaveKV, DropKV]
+    assert ops[0].slot == a.slot and ops[1] == DropKV(a.slot, 0)
+    assert sched.saved.tokens == 40  # a's prompt (its sampled token never reached the KV)
+
+
+def test_a_prompt_matching_a_saved_prefix_loads_it_instead_of_computing() -> None:
+    sched = _saving_scheduler()
+    shared = list(range(1, 41))
+    _run_to_finish(sched, _prompted([*shared, 7, 7], "a"))
+    _run_to_finish(sched, _prompted(list(range(100, 130)), "b"))  # a's cache goes to host
+    sched.take_kv_ops()
+    c = _prompted([*shared, 5, 6], "c")
+    sched.add(c)
+    plan = sched.schedule()
+    ops = sched.take_kv_ops()
+    load = next(op for op in ops if isinstance(op, LoadKV))
+    assert load.slot == c.slot
+    # a's prompt goes on past c's: the copy is cut where the prompts part.
+    assert ops[ops.index(load) + 1] == DropKV(c.slot, len(shared))
+    assert c.num_cached == len(shared)
+    assert chunk_of(plan, c).start == len(shared)
+
+
+def test_only_the_prompt_part_of_a_cache_is_saved() -> None:
+    sched = _saving_scheduler()
+    a = _prompted(list(range(1, 41)), "a")
+    _run_to_finish(sched, a, outputs=5)  # 4 generated tokens reached the KV
+    _run_to_finish(sched, _prompted(list(range(100, 130)), "b"))
+    ops = sched.take_kv_ops()
+    save = ops.index(next(op for op in ops if isinstance(op, SaveKV)))
+    assert ops[save - 1 : save + 2] == [
+        DropKV(a.slot, 40),
+        SaveKV(a.slot, ops[save].entry),
+        DropKV(a.slot, 0),
+    ]
+    assert sched.saved.tokens == 40
+
+
+def test_a_slot_cache_as_good_as_the_saved_one_needs_no_copy() -> None:
+    sched = _saving_scheduler()
+    shared = list(range(1, 41))
+    _run_to_finish(sched, _prompted(shared, "a"))
+    sched.take_kv_ops()
+    b = _prompted([*shared, 9], "b")
+    sched.add(b)
+    sched.schedule()
+    assert not any(isinstance(op, (LoadKV, SaveKV)) for op in sched.take_kv_ops())
+    assert b.num_cached == len(shared)
+
+
+def test_short_caches_are_not_worth_saving() -> None:
+    sched = _saving_scheduler()
+    _run_to_finish(sched, _prompted(list(range(1, MIN_SAVED_TOKENS - 1)), "a"))
+    _run_to_finish(sched, _prompted(list(range(100, 130)), "b"))
+    assert not any(isinstance(op, SaveKV) for op in sched.take_kv_ops())
+    assert sched.saved.tokens == 0
+
+
+def test_a_full_store_forgets_its_least_recently_used_prefix() -> None:
+    sched = _saving_scheduler(saved_tokens=50)
+    prompts = [list(range(base, base + 30)) for base in (1000, 2000, 3000)]
+    for i, prompt in enumerate(prompts):
+        _run_to_finish(sched, _prompted(prompt, f"p{i}"))
+    ops = sched.take_kv_ops()
+    saves = [op for op in ops if isinstance(op, SaveKV)]
+    forgets = [op for op in ops if isinstance(op, ForgetKV)]
+    assert len(saves) == 2  # the first two were replaced in turn; the newest stays in KV
+    assert forgets == [ForgetKV(saves[0].entry)]
+    assert sched.saved.tokens <= 50
+
+
+def test_a_failed_load_makes_the_sequence_compute_its_prompt() -> None:
+    sched = _saving_scheduler()
+    shared = list(range(1, 41))
+    _run_to_finish(sched, _prompted(shared, "a"))
+    _run_to_finish(sched, _prompted(list(range(100, 130)), "b"))
+    c = _prompted([*shared, 5], "c")
+    sched.add(c)
+    sched.schedule()
+    load = next(op for op in sched.take_kv_ops() if isinstance(op, LoadKV))
+    sched.load_failed(load.slot, load.entry)
+    assert c.num_computed == 0 and c.num_cached == 0
+    assert sched.saved.longest_match(shared) == (None, 0)
+    plan = sched.schedule()
+    assert chunk_of(plan, c).start == 0

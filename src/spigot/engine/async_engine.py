@@ -43,6 +43,8 @@ class EngineOptions:
     prefill_slowdown: float = 3.0
     prefix_cache: bool = True
     prefix_cache_tokens: int = 0
+    # Host memory for prefixes evicted from the KV pool (the second tier).
+    prefix_cache_ram_mb: int = 128
 
 
 class RequestStream:
@@ -120,6 +122,10 @@ class AsyncEngine:
             bos_token=self.model.token_text(self.model.bos_id) if self.model.bos_id >= 0 else "",
             eos_token=self.model.token_text(self.model.eos_id) if self.model.eos_id >= 0 else "",
         )
+        saved_prefix_tokens = 0
+        if options.prefix_cache and options.prefix_cache_ram_mb > 0:
+            per_token = self.model.kv_bytes_per_token()
+            saved_prefix_tokens = options.prefix_cache_ram_mb * 2**20 // per_token
         scheduler = Scheduler(
             SchedulerConfig(
                 max_running=options.parallel,
@@ -129,6 +135,7 @@ class AsyncEngine:
                 prefix_cache=options.prefix_cache,
                 prefill_chunk_decoding=options.prefill_chunk_decoding,
                 prefix_cache_tokens=options.prefix_cache_tokens,
+                saved_prefix_tokens=saved_prefix_tokens,
             )
         )
         self.core = EngineCore(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import queue
 import threading
 import time
@@ -22,7 +23,15 @@ import numpy as np
 
 from spigot.engine.llamacpp import ArgmaxSampler, LlamaCppModel, Sampler
 from spigot.engine.output import TextAssembler
-from spigot.engine.scheduler import Scheduler, Sequence
+from spigot.engine.scheduler import (
+    DropKV,
+    ForgetKV,
+    LoadKV,
+    SaveKV,
+    Scheduler,
+    Sequence,
+    StepPlan,
+)
 from spigot.engine.step_costs import StepCosts
 from spigot.engine.types import FinishReason, GenOutput, GenRequest, TokenLogprob, Usage
 
@@ -69,6 +78,8 @@ class EngineCore:
         self._thread = threading.Thread(target=self._run, name="spigot-engine", daemon=True)
         self._stopping = False
         self.steps = 0
+        # The bytes of the scheduler's saved prefixes, by entry id.
+        self._saved: dict[int, mmap.mmap] = {}
 
     # -- any thread --------------------------------------------------------------
 
@@ -97,6 +108,7 @@ class EngineCore:
             "running": running,
             "waiting": len(self.scheduler.waiting),
             "kv_used": self.scheduler.kv_used(),
+            "saved_prefix_tokens": self.scheduler.saved.tokens,
             "steps": self.steps,
             # The moving averages that size prompt chunks (None until seen),
             # the decode step for as many streams as run now.
@@ -156,10 +168,47 @@ class EngineCore:
             prefilling,
         )
 
+    def _apply_kv_ops(self) -> bool:
+        """Carry out the scheduler's KV edits and copies; False if a saved
+        prefix could not be loaded (its sequence then computes its prompt)."""
+        loaded = True
+        for op in self.scheduler.take_kv_ops():
+            if isinstance(op, DropKV):
+                self.model.remove_sequence(op.slot, op.keep)
+            elif isinstance(op, SaveKV):
+                data = self.model.save_sequence(op.slot)
+                if data is None:
+                    self.scheduler.saved.remove_id(op.entry)
+                else:
+                    self._saved[op.entry] = data
+            elif isinstance(op, LoadKV):
+                data = self._saved.get(op.entry)
+                if data is None or not self.model.load_sequence(op.slot, data):
+                    log.warning("could not load a saved prefix; computing it instead")
+                    self.model.remove_sequence(op.slot)
+                    self.scheduler.load_failed(op.slot, op.entry)
+                    self._forget_saved(op.entry)
+                    loaded = False
+            elif isinstance(op, ForgetKV):
+                self._forget_saved(op.entry)
+        return loaded
+
+    def _forget_saved(self, entry: int) -> None:
+        data = self._saved.pop(entry, None)
+        if data is not None:
+            data.close()
+
+    def _schedule(self) -> StepPlan:
+        limit = self._prefill_limit if self.prefill_slowdown > 0 else None
+        plan = self.scheduler.schedule(limit)
+        while not self._apply_kv_ops():
+            # A sequence planned from a prefix that failed to load starts over;
+            # each failure forgets one saved prefix, so this ends.
+            plan = self.scheduler.schedule(limit)
+        return plan
+
     def _step(self) -> None:
-        plan = self.scheduler.schedule(self._prefill_limit if self.prefill_slowdown > 0 else None)
-        for slot, keep in self.scheduler.take_kv_ops():
-            self.model.remove_sequence(slot, keep)
+        plan = self._schedule()
         if not plan.chunks:
             return
         batch = self.model.batch
@@ -206,8 +255,7 @@ class EngineCore:
             if len(running) <= 1:
                 raise RuntimeError("no KV space for a single sequence")
             self.scheduler.preempt(running[-1])
-        for slot, keep in self.scheduler.take_kv_ops():
-            self.model.remove_sequence(slot, keep)
+        self._apply_kv_ops()
 
     def _runtime(self, seq: Sequence) -> _Runtime:
         rt = seq.runtime

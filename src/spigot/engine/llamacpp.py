@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import mmap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,47 @@ class LlamaCppModel:
 
     def clear_memory(self) -> None:
         ll.llama_memory_clear(self.memory, True)
+
+    def save_sequence(self, seq_id: int) -> mmap.mmap | None:
+        """A copy of a sequence's KV in host memory (None if llama.cpp wrote none).
+
+        Each copy is its own anonymous mapping, so freeing it returns the
+        memory to the system at once instead of leaving holes in the heap.
+        """
+        size = ll.llama_state_seq_get_size(self.ctx, seq_id)
+        if size <= 0:
+            return None
+        # Populated up front: faulting the pages in one by one costs more.
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        data = mmap.mmap(-1, size, flags=flags)
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        written = ll.llama_state_seq_get_data(self.ctx, view, size, seq_id)
+        del view  # the mapping cannot be closed while a ctypes view exports it
+        if written != size:
+            data.close()
+            return None
+        return data
+
+    def load_sequence(self, seq_id: int, data: mmap.mmap) -> bool:
+        """Replace a sequence's KV with a saved copy; False if it did not fit."""
+        view = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        try:
+            return ll.llama_state_seq_set_data(self.ctx, view, len(data), seq_id) > 0
+        finally:
+            del view
+
+    def kv_bytes_per_token(self) -> int:
+        """Host memory a saved sequence takes per token, measured on this context."""
+        sizes = []
+        for n in (1, 2):
+            self.batch.clear()
+            self.batch.add(0, [self.bos_id if self.bos_id >= 0 else 0] * n, 0, False)
+            if self.decode() != 0:
+                raise ModelLoadError("could not decode a probe batch")
+            sizes.append(ll.llama_state_seq_get_size(self.ctx, 0))
+            self.remove_sequence(0)
+        self.batch.clear()
+        return max(sizes[1] - sizes[0], 1)
 
     def new_sampler(self, params: SamplingParams, *, suppress_eog: bool) -> Sampler | ArgmaxSampler:
         if (

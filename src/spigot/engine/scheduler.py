@@ -14,14 +14,19 @@ Every step the scheduler:
    KV is dropped and they wait again, to be recomputed from their tokens
    (prompt plus what they generated), so no accepted request is lost.
 
-Prefix cache: a finished sequence leaves its KV in its slot. A new sequence
-takes the free slot whose cached tokens share the longest prefix with its
-prompt and computes only the rest (a shared system prompt, the earlier turns
-of a chat). Cached slots count against the KV pool and are evicted, least
-recently freed first, when room is needed, and whenever a sequence finishes
-beyond ``prefix_cache_tokens`` (the newest cache always stays).
+Prefix cache, in two tiers. A finished sequence leaves its KV in its slot. A
+new sequence takes the free slot whose cached tokens share the longest prefix
+with its prompt and computes only the rest (a shared system prompt, the
+earlier turns of a chat). Cached slots count against the KV pool and are
+evicted, least recently freed first, when room is needed, and whenever a
+sequence finishes beyond ``prefix_cache_tokens`` (the newest cache always
+stays). An evicted cache is first saved to host memory (``SavedPrefixes``,
+within ``saved_prefix_tokens``); a prompt that matches a saved prefix better
+than any slot has it copied back into its slot instead of computing it.
 
-``update`` then records what a step produced. No llama.cpp in here: tests
+The scheduler only decides: KV edits and copies are queued as ``KvOp``s for
+the engine to apply before the step's decode. ``update`` then records what a
+step produced. No llama.cpp in here: tests
 drive it with hand-made tokens.
 """
 
@@ -31,9 +36,43 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+from spigot.engine.saved_prefixes import SavedPrefix, SavedPrefixes, common_prefix_length
 from spigot.engine.types import FinishReason, GenRequest
+
+# A cache shorter than this is not worth copying to host memory and back.
+MIN_SAVED_TOKENS = 16
+
+
+class DropKV(NamedTuple):
+    """Drop the slot's KV from position ``keep`` on (0: all of it)."""
+
+    slot: int
+    keep: int = 0
+
+
+class SaveKV(NamedTuple):
+    """Copy the slot's KV to host memory, as saved prefix ``entry``."""
+
+    slot: int
+    entry: int
+
+
+class LoadKV(NamedTuple):
+    """Copy saved prefix ``entry`` into the (empty) slot."""
+
+    slot: int
+    entry: int
+
+
+class ForgetKV(NamedTuple):
+    """Free saved prefix ``entry``'s host memory."""
+
+    entry: int
+
+
+KvOp = DropKV | SaveKV | LoadKV | ForgetKV
 
 
 class SeqStatus(enum.Enum):
@@ -109,6 +148,8 @@ class SchedulerConfig:
     # prefill_chunk). Smaller keeps their inter-token latency smooth: on a CPU
     # a few dozen prompt tokens cost as much as a whole decode step.
     prefill_chunk_decoding: int | None = None
+    # Tokens of evicted caches kept in host memory for reuse (0: none).
+    saved_prefix_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_step_tokens < self.max_running:
@@ -122,15 +163,8 @@ class Slot:
 
     id: int
     cached: list[int] = field(default_factory=list)
+    cached_prompt: int = 0  # how many of the cached tokens were its sequence's prompt
     freed_at: int = 0  # step counter when it became free, for LRU eviction
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Scheduler:
@@ -141,11 +175,11 @@ class Scheduler:
         self._slots = [Slot(i) for i in range(config.max_running)]
         self._free: list[Slot] = list(reversed(self._slots))
         self._clock = 0
-        self._kv_ops: list[tuple[int, int]] = []
+        self._kv_ops: list[KvOp] = []
+        self.saved = SavedPrefixes(config.saved_prefix_tokens if config.prefix_cache else 0)
 
-    def take_kv_ops(self) -> list[tuple[int, int]]:
-        """KV edits to apply before the next decode, in order: (slot, keep) drops
-        the slot's KV from position ``keep`` on (0 drops all of it)."""
+    def take_kv_ops(self) -> list[KvOp]:
+        """KV edits and copies to apply before the next decode, in order."""
         ops, self._kv_ops = self._kv_ops, []
         return ops
 
@@ -186,8 +220,9 @@ class Scheduler:
             if self.config.prefix_cache:
                 # The slot keeps the sequence's KV (prompt and output) for reuse.
                 slot.cached = seq.tokens[: seq.num_computed]
+                slot.cached_prompt = seq.num_prompt
             else:
-                self._kv_ops.append((slot.id, 0))
+                self._kv_ops.append(DropKV(slot.id))
             self._release(slot)
             self._trim_caches(keep=slot)
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
@@ -206,25 +241,49 @@ class Scheduler:
             if cached <= limit:
                 break
             if slot is not keep and slot.cached:
-                self._kv_ops.append((slot.id, 0))
                 cached -= len(slot.cached)
-                slot.cached = []
+                self._evict(slot)
+
+    def _evict(self, slot: Slot, keep: int = 0) -> None:
+        """Drop a free slot's cache from ``keep`` on, saving its prompt part to
+        host memory first. Prompts are what gets sent again (system prompts,
+        retries, the earlier turns of a chat); a sequence's output would
+        double what a saved prefix takes for less reuse."""
+        prompt = min(len(slot.cached), slot.cached_prompt)
+        if self.saved.capacity_tokens and prompt - keep >= MIN_SAVED_TOKENS:
+            entry, dropped = self.saved.add(slot.cached[:prompt])
+            self._kv_ops.extend(ForgetKV(e.id) for e in dropped)
+            if entry is not None:
+                if prompt < len(slot.cached):
+                    self._kv_ops.append(DropKV(slot.id, prompt))
+                self._kv_ops.append(SaveKV(slot.id, entry.id))
+        self._kv_ops.append(DropKV(slot.id, keep))
+        del slot.cached[keep:]
 
     def evict_caches(self) -> bool:
         """Queue the removal of every cached prefix; False if there was none."""
         evicted = False
         for slot in self._free:
             if slot.cached:
-                self._kv_ops.append((slot.id, 0))
-                slot.cached = []
+                self._evict(slot)
                 evicted = True
         return evicted
 
     def forget_cache(self) -> None:
-        """Forget every cached prefix (the engine cleared its KV after a failure)."""
+        """Forget every cached prefix in the KV pool (the engine cleared it after
+        a failure). Saved prefixes are copies in host memory and stay valid."""
         for slot in self._free:
             slot.cached = []
-        self._kv_ops.clear()
+        self._kv_ops = [op for op in self._kv_ops if isinstance(op, ForgetKV)]
+
+    def load_failed(self, slot_id: int, entry: int) -> None:
+        """The engine could not copy a saved prefix into ``slot_id``: its
+        sequence computes its prompt instead, and the entry is forgotten."""
+        for seq in self.running:
+            if seq.slot == slot_id:
+                seq.num_computed = 0
+                seq.num_cached = 0
+        self.saved.remove_id(entry)
 
     # -- one step --------------------------------------------------------------
 
@@ -280,14 +339,16 @@ class Scheduler:
         slot.freed_at = self._clock
         self._free.append(slot)
 
-    def _best_slot(self, tokens: list[int]) -> tuple[Slot, int]:
-        """The free slot to use, and how many of ``tokens`` its cache already holds.
+    def _best_slot(self, tokens: list[int]) -> tuple[Slot, int, SavedPrefix | None]:
+        """The free slot to use, how many of ``tokens`` it will hold, and the
+        saved prefix to copy into it first (None: use what the slot caches).
 
-        The slot sharing the longest prefix wins. Without a useful match, an
-        empty slot is taken while the cached prefixes stay within
-        ``prefix_cache_tokens``; beyond that the least recently freed cache is
-        replaced. Cached KV is not free: every decode step attends over the
-        whole used pool, so caches kept for nobody slow everyone down.
+        The slot sharing the longest prefix wins, unless a saved prefix shares
+        a longer one. Without a useful match, an empty slot is taken while the
+        cached prefixes stay within ``prefix_cache_tokens``; beyond that the
+        least recently freed cache is replaced. Cached KV is not free: every
+        decode step attends over the whole used pool, so caches kept for
+        nobody slow everyone down.
         """
         best, best_len = None, 0
         for slot in self._free:
@@ -301,12 +362,17 @@ class Scheduler:
             fallback = empty
         else:
             fallback = min(cached, key=lambda s: s.freed_at)
+        # At least one prompt token must be computed, for the logits to sample from.
+        limit = len(tokens) - 1
+        if self.saved.capacity_tokens:
+            saved, saved_len = self.saved.longest_match(tokens)
+            if saved is not None and min(saved_len, limit) >= best_len + MIN_SAVED_TOKENS:
+                return fallback, min(saved_len, limit), saved
         # A match that would throw most of a cache away is not worth it while
         # an empty slot may be used instead.
         if best is None or (2 * best_len < len(best.cached) and fallback is empty):
             best, best_len = fallback, 0
-        # At least one prompt token must be computed, for the logits to sample from.
-        return best, min(best_len, len(tokens) - 1)
+        return best, min(best_len, limit), None
 
     def _admit(self, plan: StepPlan) -> None:
         # Room for every running sequence's tokens plus the one each will add,
@@ -314,21 +380,29 @@ class Scheduler:
         used = sum(len(s.tokens) + 1 for s in self.running) + self.kv_cached()
         while self.waiting and self._free:
             seq = self.waiting[0]
-            slot, reuse = self._best_slot(seq.tokens)
-            used_after = used - len(slot.cached) + len(seq.tokens) + 1
+            slot, reuse, saved = self._best_slot(seq.tokens)
+            # A saved prefix is copied in whole, then cut to what is reused.
+            needed = max(len(seq.tokens) + 1, len(saved.tokens) if saved else 0)
+            used_after = used - len(slot.cached) + needed
             for other in sorted(self._free, key=lambda s: s.freed_at):
                 if used_after <= self.config.kv_capacity:
                     break
                 if other is not slot and other.cached:
                     used_after -= len(other.cached)
-                    self._kv_ops.append((other.id, 0))
-                    other.cached = []
+                    self._evict(other)
             if used_after > self.config.kv_capacity and self.running:
                 break
             self.waiting.popleft()
             self._free.remove(slot)
-            if reuse < len(slot.cached):
-                self._kv_ops.append((slot.id, reuse))
+            if saved is not None:
+                if slot.cached:
+                    self._evict(slot)
+                self._kv_ops.append(LoadKV(slot.id, saved.id))
+                self.saved.touch(saved)
+                if reuse < len(saved.tokens):
+                    self._kv_ops.append(DropKV(slot.id, reuse))
+            elif reuse < len(slot.cached):
+                self._evict(slot, keep=reuse)
             slot.cached = []
             seq.slot = slot.id
             seq.status = SeqStatus.RUNNING
@@ -336,7 +410,7 @@ class Scheduler:
             if seq.num_generated == 0:
                 seq.num_cached = reuse
             self.running.append(seq)
-            used = used_after
+            used = used_after - needed + len(seq.tokens) + 1
 
     def _preempt_if_full(self, plan: StepPlan) -> None:
         # Each running sequence will hold all of its tokens after the step.
@@ -346,8 +420,7 @@ class Scheduler:
             if needed + self.kv_cached() <= self.config.kv_capacity:
                 break
             if slot.cached:
-                self._kv_ops.append((slot.id, 0))
-                slot.cached = []
+                self._evict(slot)
         while len(self.running) > 1 and sum(len(s.tokens) for s in self.running) > (
             self.config.kv_capacity
         ):
@@ -364,7 +437,7 @@ class Scheduler:
         assert seq.slot is not None
         slot = self._slots[seq.slot]
         slot.cached = []
-        self._kv_ops.append((slot.id, 0))
+        self._kv_ops.append(DropKV(slot.id))
         self._release(slot)
         seq.slot = None
         seq.status = SeqStatus.WAITING
