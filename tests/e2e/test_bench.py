@@ -212,8 +212,11 @@ def test_standard_quick_rewrites_only_its_sections(tmp_path: Path) -> None:
 
     results = json.loads((tmp_path / "bench-results.json").read_text())
     assert set(results["sections"]) == {"decode", "prefix"}
-    (cached,) = (r["cached_tokens"] for r in results["sections"]["prefix"]["data"]["rounds"])
-    assert cached > 0  # the warm request reused the cold one's prefix
+    (prefix_round,) = results["sections"]["prefix"]["data"]["rounds"]
+    assert prefix_round["cached_tokens"] > 0  # the warm request reused the cold one's prefix
+    # ... and so did the restored one, from host memory this time.
+    assert prefix_round["restored_cached_tokens"] > 0
+    assert "| restored |" in after["prefix"]
     assert (tmp_path / "img" / "decode.png").read_bytes().startswith(PNG_MAGIC)
 
     # The results alone redraw the same document.

@@ -239,31 +239,44 @@ def render_prefix(entry: dict[str, Any]) -> str:
     rounds = data["rounds"]
     cold = [r["cold_s"] for r in rounds]
     warm = [r["warm_s"] for r in rounds]
-    cached = [r["cached_tokens"] for r in rounds]
+    # Runs from before the host-memory tier have no restored request.
+    restored = [r["restored_s"] for r in rounds if r.get("restored_s") is not None]
     what = (
         f"spigot `--parallel {data['parallel']}`, defaults otherwise; a fresh system prompt of "
         f"{data['sentences']} sentences per round; cold = its first request, warm = a second "
-        f"question with the same system prompt; {_medians(len(rounds))}"
+        "question with the same system prompt"
+        + (
+            ", restored = a third one after a request with another system prompt took the KV "
+            "pool's cache (so it comes back from host memory)"
+            if restored
+            else ""
+        )
+        + f"; {_medians(len(rounds))}"
     )
     c, w = statistics.median(cold), statistics.median(warm)
-    cached_range = (
-        f"{min(cached)}" if min(cached) == max(cached) else f"{min(cached)}-{max(cached)}"
-    )
     lines = [
-        "| request | TTFT median | min | max |",
-        "|---|---|---|---|",
-        f"| cold | {_ms(c)} | {_ms(min(cold))} | {_ms(max(cold))} |",
-        f"| warm | {_ms(w)} | {_ms(min(warm))} | {_ms(max(warm))} |",
+        "| request | TTFT median | min | max | cached tokens |",
+        "|---|---|---|---|---|",
+        f"| cold | {_ms(c)} | {_ms(min(cold))} | {_ms(max(cold))} | |",
+        f"| warm | {_ms(w)} | {_ms(min(warm))} | {_ms(max(warm))} | "
+        f"{_span([r['cached_tokens'] for r in rounds])} |",
     ]
+    summary = f"Warm / cold: **{w / c:.0%}**"
+    if restored:
+        r = statistics.median(restored)
+        lines.append(
+            f"| restored | {_ms(r)} | {_ms(min(restored))} | {_ms(max(restored))} | "
+            f"{_span([x.get('restored_cached_tokens', 0) for x in rounds])} |"
+        )
+        summary += f"; restored / cold: **{r / c:.0%}**"
     return "\n\n".join(
-        [
-            _run_line(entry, what),
-            _commands(entry["commands"]),
-            "\n".join(lines),
-            f"Warm / cold: **{w / c:.0%}**; the warm requests reported {cached_range} "
-            "`cached_tokens`.",
-        ]
+        [_run_line(entry, what), _commands(entry["commands"]), "\n".join(lines), summary + "."]
     )
+
+
+def _span(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return f"{low}" if low == high else f"{low}-{high}"
 
 
 # -- interference ----------------------------------------------------------------

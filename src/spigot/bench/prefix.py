@@ -2,7 +2,10 @@
 
 Each round makes a fresh ~1,000-token system prompt, asks one question
 (cold: the whole prompt is computed) and then another with the same system
-prompt (warm: only the new turn is computed). Medians over rounds.
+prompt (warm: only the new turn is computed). Then a request with another
+system prompt takes the KV pool's cache, and a third question with the first
+system prompt is answered from the copy saved in host memory (restored).
+Medians over rounds.
 
     python -m spigot.bench.prefix --url http://127.0.0.1:8000/v1 --rounds 5
 """
@@ -21,6 +24,7 @@ import httpx
 from spigot.models import EMBEDDED_MODEL_ID
 
 SYSTEM_SENTENCE = "You are the keeper of a lighthouse and you answer questions about the sea. "
+OTHER_SENTENCE = "You are a baker and you answer questions about bread and ovens of all kinds. "
 
 
 def ttft(url: str, model: str, system: str, question: str) -> tuple[float, int]:
@@ -52,6 +56,8 @@ class Round:
     cold_s: float
     warm_s: float
     cached_tokens: int
+    restored_s: float | None = None  # after another prompt took the pool's cache
+    restored_cached_tokens: int = 0
 
 
 def measure(
@@ -68,8 +74,13 @@ def measure(
         system = f"Session {uuid.uuid4()}. " + SYSTEM_SENTENCE * sentences
         c, _ = ttft(url, model, system, "What is a lighthouse?")
         w, cached = ttft(url, model, system, "Who keeps a lighthouse?")
-        out.append(Round(c, w, cached))
-        log(f"round {i + 1}: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms, cached {cached}")
+        ttft(url, model, f"Session {uuid.uuid4()}. " + OTHER_SENTENCE * sentences, "Hello?")
+        r, restored_cached = ttft(url, model, system, "Why is a lighthouse tall?")
+        out.append(Round(c, w, cached, r, restored_cached))
+        log(
+            f"round {i + 1}: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms (cached {cached}), "
+            f"restored {r * 1000:.0f} ms (cached {restored_cached})"
+        )
     return out
 
 
@@ -83,7 +94,11 @@ def main() -> None:
     rounds = measure(args.url, args.model, args.rounds, args.sentences)
     c = statistics.median(r.cold_s for r in rounds)
     w = statistics.median(r.warm_s for r in rounds)
-    print(f"median TTFT: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms, warm/cold {w / c:.0%}")
+    r = statistics.median(r.restored_s or 0.0 for r in rounds)
+    print(
+        f"median TTFT: cold {c * 1000:.0f} ms, warm {w * 1000:.0f} ms, restored "
+        f"{r * 1000:.0f} ms; warm/cold {w / c:.0%}, restored/cold {r / c:.0%}"
+    )
 
 
 if __name__ == "__main__":
