@@ -129,7 +129,7 @@ def main() -> None:
 )
 @click.option(
     "--prefix-cache-ram",
-    default=128,
+    default=96,
     type=click.IntRange(0),
     envvar="SPIGOT_PREFIX_CACHE_RAM",
     show_default=True,

@@ -44,7 +44,7 @@ class EngineOptions:
     prefix_cache: bool = True
     prefix_cache_tokens: int = 0
     # Host memory for prefixes evicted from the KV pool (the second tier).
-    prefix_cache_ram_mb: int = 128
+    prefix_cache_ram_mb: int = 96
 
 
 class RequestStream:
