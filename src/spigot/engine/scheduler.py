@@ -236,13 +236,19 @@ class Scheduler:
         # later streams (python -m spigot.bench.step_cost measures it). Beyond
         # ``prefix_cache_tokens``, only the newest cache is kept.
         limit = max(self.config.prefix_cache_tokens, len(keep.cached))
-        cached = self.kv_cached()
+        self._evict_oldest(self.kv_cached() - limit, spare=keep)
+
+    def _evict_oldest(self, excess: int, spare: Slot | None = None) -> int:
+        """Evict cached prefixes, least recently freed first (never ``spare``'s),
+        until at least ``excess`` tokens are freed; returns the tokens freed."""
+        freed = 0
         for slot in sorted(self._free, key=lambda s: s.freed_at):
-            if cached <= limit:
+            if freed >= excess:
                 break
-            if slot is not keep and slot.cached:
-                cached -= len(slot.cached)
+            if slot is not spare and slot.cached:
+                freed += len(slot.cached)
                 self._evict(slot)
+        return freed
 
     def _evict(self, slot: Slot, keep: int = 0) -> None:
         """Drop a free slot's cache from ``keep`` on, saving its prompt part to
@@ -384,12 +390,7 @@ class Scheduler:
             # A saved prefix is copied in whole, then cut to what is reused.
             needed = max(len(seq.tokens) + 1, len(saved.tokens) if saved else 0)
             used_after = used - len(slot.cached) + needed
-            for other in sorted(self._free, key=lambda s: s.freed_at):
-                if used_after <= self.config.kv_capacity:
-                    break
-                if other is not slot and other.cached:
-                    used_after -= len(other.cached)
-                    self._evict(other)
+            used_after -= self._evict_oldest(used_after - self.config.kv_capacity, spare=slot)
             if used_after > self.config.kv_capacity and self.running:
                 break
             self.waiting.popleft()
@@ -416,11 +417,7 @@ class Scheduler:
         # Each running sequence will hold all of its tokens after the step.
         needed = sum(len(s.tokens) for s in self.running)
         # Cached prefixes go first, least recently freed first.
-        for slot in sorted(self._free, key=lambda s: s.freed_at):
-            if needed + self.kv_cached() <= self.config.kv_capacity:
-                break
-            if slot.cached:
-                self._evict(slot)
+        self._evict_oldest(needed + self.kv_cached() - self.config.kv_capacity)
         while len(self.running) > 1 and sum(len(s.tokens) for s in self.running) > (
             self.config.kv_capacity
         ):
