@@ -155,3 +155,19 @@ def test_a_prefix_evicted_from_the_pool_comes_back_from_host_memory(
     from_host, restored = answer()
     assert restored["prompt_tokens_details"]["cached_tokens"] == cold["prompt_tokens"] - 1
     assert from_host == from_pool
+
+
+def test_without_host_memory_an_evicted_prefix_is_computed_again() -> None:
+    # --prefix-cache-ram 0: the pool's cache is all there is; once another
+    # prompt takes it, the first prompt is computed in full again.
+    srv = start_server("--parallel", "2", "--prefix-cache-ram", "0")
+    try:
+        system = f"Ledger {uuid.uuid4()}. " + "You answer questions about old ships. " * 30
+        cold = ask(srv, system, "Why?")
+        ask(srv, f"Other {uuid.uuid4()}. " + "Talk about forests. " * 30, "How?")
+        assert srv.wait_idle()["saved_prefix_tokens"] == 0
+        again = ask(srv, system, "Why?")
+        assert again["prompt_tokens"] == cold["prompt_tokens"]
+        assert again["prompt_tokens_details"]["cached_tokens"] < 10  # the template's opening
+    finally:
+        srv.stop()

@@ -7,7 +7,9 @@ On the embedded model, with the server's context settings:
 * what prompt tokens add to a step beside 8 decoding streams, near the start
   of a context and deep into one;
 * a decode step for 1 and 8 streams with cached KV of other, finished
-  sequences left in the pool (llama.cpp attends over the used range).
+  sequences left in the pool (llama.cpp attends over the used range);
+* copying a 1,000-token sequence's KV to host memory and back (the prefix
+  cache's second tier), against computing those tokens.
 
 Medians of a few steps each; random token ids (their values do not change the
 work).
@@ -64,6 +66,22 @@ class Bench:
             raise RuntimeError("llama_decode failed")
         return time.perf_counter() - started
 
+    def copy_out_and_in(self, seq: int, tries: int = 5) -> tuple[float, float]:
+        """Median seconds to save sequence ``seq``'s KV to host memory and to load it back."""
+        saves, loads = [], []
+        for _ in range(tries):
+            started = time.perf_counter()
+            data = self.model.save_sequence(seq)
+            saves.append(time.perf_counter() - started)
+            if data is None:
+                raise RuntimeError("llama.cpp saved nothing")
+            started = time.perf_counter()
+            if not self.model.load_sequence(seq, data):
+                raise RuntimeError("the saved KV did not load back")
+            loads.append(time.perf_counter() - started)
+            data.close()
+        return statistics.median(saves), statistics.median(loads)
+
     def decode_step(self, streams: int, steps: int = 15) -> float:
         """Median decode-only step for ``streams`` streams; their KV is put back after."""
         times = [self.step(streams, STREAM_DEPTH + i) for i in range(steps)]
@@ -112,6 +130,18 @@ def main() -> None:
                 f"decode step, {n} stream(s), {cached} cached tokens of finished sequences: "
                 f"{with_cache * 1000:.1f} ms ({with_cache / plain[n]:.2f}x)"
             )
+    for seq in range(10, cached_seq):
+        bench.model.remove_sequence(seq)
+
+    copied = 20
+    started = time.perf_counter()
+    bench.fill(copied, 1000)
+    computed = time.perf_counter() - started
+    save, load = bench.copy_out_and_in(copied)
+    print(
+        f"1000 tokens of KV: saved to host memory in {save * 1000:.1f} ms, loaded back in "
+        f"{load * 1000:.1f} ms; computing them took {computed * 1000:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 The KV pool keeps few cached prefixes, because every cached cell slows every
 decode step (``scheduler.py``). A prefix evicted from the pool is first
-copied out to host memory (``llama_state_seq_get_data``, about 1 ms for a few
-hundred tokens), where it costs nothing per step; a later prompt that starts
-the same way copies it back in instead of computing it again, which on a CPU
-is a thousand times cheaper than prefill.
+copied out to host memory (``llama_state_seq_get_data``), where it costs
+nothing per step; a later prompt that starts the same way copies it back in
+instead of computing it again: milliseconds against seconds of prefill on a
+CPU (``python -m spigot.bench.step_cost`` times both).
 
 This module is the index only, in tokens and pure Python: the scheduler
 decides with it and queues the copies, the engine owns the bytes.
