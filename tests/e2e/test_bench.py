@@ -34,6 +34,7 @@ LEVEL_KEYS = {
     "requests_per_s",
     "wall_s",
     "prompt_tokens_mean",
+    "cached_tokens_mean",
     "token_count_source",
     "ttft_ms",
     "itl_ms",

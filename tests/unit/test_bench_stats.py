@@ -153,6 +153,7 @@ def test_aggregate_level_on_known_samples() -> None:
     assert level["tpot_ms"]["p50"] == pytest.approx(150.0)  # (0.2/2 + 0.4/2) / 2
     assert level["e2e_ms"]["p99"] == pytest.approx(696.0)
     assert level["prompt_tokens_mean"] == 10.0
+    assert level["cached_tokens_mean"] is None  # no request reported any
     assert level["token_count_source"] == "usage"
     assert level["errors"] == {
         "total": 1,
@@ -173,6 +174,15 @@ def test_rounds_pool_latencies_and_take_the_median_throughput() -> None:
     assert level["ttft_ms"]["p50"] == pytest.approx(300.0)
     assert [r["output_tokens_per_s"] for r in level["rounds"]] == [10.0, 5.0, 2.5]
     assert level["wall_s"] == 7.0
+
+
+def test_cached_tokens_average_over_the_requests_that_report_them() -> None:
+    reported = [ok_result(0.0, [0.1], 0.1, tokens=1) for _ in range(3)]
+    for result, cached in zip(reported, (0, 4, 8), strict=True):
+        result.cached_tokens = cached
+    silent = ok_result(0.0, [0.1], 0.1, tokens=1)
+    level = aggregate_level([LevelRun(1, 1.0, [*reported, silent])])
+    assert level["cached_tokens_mean"] == 4.0
 
 
 def test_a_level_where_everything_failed_has_no_latencies() -> None:
@@ -269,6 +279,19 @@ def test_recorder_counts_content_chunks_text_and_usage() -> None:
     assert "".join(recorder.text) == "Hello!\u2028 How"
     assert recorder.completion_tokens == 3
     assert recorder.prompt_tokens == 31
+    assert recorder.cached_tokens is None  # this server did not say
+
+
+def test_recorder_reads_cached_prompt_tokens_from_usage_details() -> None:
+    recorder = StreamRecorder()
+    recorder.on_payload(
+        '{"choices":[],"usage":{"prompt_tokens":40,"completion_tokens":2,'
+        '"prompt_tokens_details":{"cached_tokens":32}}}',
+        0.0,
+    )
+    assert (recorder.prompt_tokens, recorder.cached_tokens) == (40, 32)
+    recorder.on_payload('{"choices":[],"usage":{"prompt_tokens_details":null}}', 1.0)
+    assert recorder.cached_tokens is None
 
 
 def test_parser_ignores_everything_after_done_and_flushes_an_unterminated_event() -> None:

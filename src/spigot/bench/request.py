@@ -138,6 +138,13 @@ class StreamRecorder:
         value = (self.usage or {}).get("prompt_tokens")
         return value if isinstance(value, int) else None
 
+    @property
+    def cached_tokens(self) -> int | None:
+        """Prompt tokens the server reused from a cache, where it reports them."""
+        details = (self.usage or {}).get("prompt_tokens_details")
+        value = details.get("cached_tokens") if isinstance(details, dict) else None
+        return value if isinstance(value, int) else None
+
 
 def _content(choice: Any) -> str:
     if not isinstance(choice, dict):
@@ -160,6 +167,7 @@ class RequestResult:
     text: str
     usage_tokens: int | None
     prompt_tokens: int | None
+    cached_tokens: int | None = None
     error_kind: ErrorKind | None = None
     status: int | None = None
     error: str | None = None
@@ -226,6 +234,7 @@ async def send_request(
         text="".join(recorder.text),
         usage_tokens=recorder.completion_tokens,
         prompt_tokens=recorder.prompt_tokens,
+        cached_tokens=recorder.cached_tokens,
         error_kind=kind,
         status=status,
         error=message,

@@ -64,6 +64,7 @@ def samples(runs: Sequence[LevelRun]) -> list[dict[str, Any]]:
                     "e2e_ms": round(r.e2e * 1000, 3),
                     "output_tokens": r.output_tokens,
                     "prompt_tokens": r.prompt_tokens,
+                    "cached_tokens": r.cached_tokens,
                     "error": None if r.ok else f"{r.error_label}: {r.error}",
                 }
             )

@@ -132,6 +132,7 @@ def aggregate_level(runs: Sequence[LevelRun]) -> dict[str, Any]:
     ttft = [t for r in ok if (t := r.ttft) is not None]
     tpot = [t for r in ok if (t := r.tpot) is not None]
     prompt_tokens = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+    cached_tokens = [r.cached_tokens for r in ok if r.cached_tokens is not None]
     return {
         "concurrency": runs[0].concurrency,
         "requests": len(results),
@@ -142,6 +143,8 @@ def aggregate_level(runs: Sequence[LevelRun]) -> dict[str, Any]:
         "requests_per_s": round(statistics.median(r.requests_per_s for r in runs), 4),
         "wall_s": round(sum(r.wall_s for r in runs), 4),
         "prompt_tokens_mean": round(statistics.fmean(prompt_tokens), 1) if prompt_tokens else None,
+        # Where the server reports them: how much of the prompts came from its cache.
+        "cached_tokens_mean": round(statistics.fmean(cached_tokens), 1) if cached_tokens else None,
         "token_count_source": token_source(results),
         "ttft_ms": summarize(ttft),
         "itl_ms": summarize([g for r in ok for g in r.gaps]),
