@@ -74,6 +74,14 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _cached(level: dict[str, Any]) -> str:
+    """Mean cached prompt tokens of a bench level, out of its mean prompt."""
+    cached, prompt = level.get("cached_tokens_mean"), level.get("prompt_tokens_mean")
+    if cached is None or prompt is None:
+        return "-"
+    return f"{cached:,.0f} of {prompt:,.0f}"
+
+
 def _medians(rounds: int) -> str:
     return f"medians of {rounds} rounds" if rounds > 1 else "one round"
 
@@ -202,8 +210,9 @@ def render_peer(name: str, entry: dict[str, Any], img_dir: Path, img_link: str) 
     )
     lines = [
         f"| concurrency | out tok/s {a} | out tok/s {b} | {a} / {b} "
-        f"| TTFT p50 {a} / {b} (ms) | TTFT p99 {a} / {b} (ms) | TPOT p50 {a} / {b} (ms) |",
-        "|---|---|---|---|---|---|---|",
+        f"| TTFT p50 {a} / {b} (ms) | TTFT p99 {a} / {b} (ms) | TPOT p50 {a} / {b} (ms) "
+        f"| cached prompt tokens {a} / {b} |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for la, lb in zip(spigot["levels"], other["levels"], strict=True):
         ta, tb = la["output_tokens_per_s"], lb["output_tokens_per_s"]
@@ -212,7 +221,8 @@ def render_peer(name: str, entry: dict[str, Any], img_dir: Path, img_link: str) 
             f"| {la['concurrency']} | {_num(ta)} | {_num(tb)} | {ratio} "
             f"| {_num(la['ttft_ms']['p50'], 0)} / {_num(lb['ttft_ms']['p50'], 0)} "
             f"| {_num(la['ttft_ms']['p99'], 0)} / {_num(lb['ttft_ms']['p99'], 0)} "
-            f"| {_num(la['tpot_ms']['p50'])} / {_num(lb['tpot_ms']['p50'])} |"
+            f"| {_num(la['tpot_ms']['p50'])} / {_num(lb['tpot_ms']['p50'])} "
+            f"| {_cached(la)} / {_cached(lb)} |"
         )
     failures = []
     for server, (errors, total) in error_totals(results).items():

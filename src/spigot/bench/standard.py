@@ -75,7 +75,7 @@ class Plan:
     decode_tokens: int = 128
     peer_concurrency: tuple[int, ...] = (1, 8, 32)
     peer_duration: float = 25.0
-    peer_rounds: int = 2
+    peer_rounds: int = 3
     peer_max_tokens: int = 128
     prefix_parallel: int = 32
     prefix_rounds: int = 5
