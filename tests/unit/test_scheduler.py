@@ -677,6 +677,49 @@ def test_prefill_limit_caps_prompt_tokens_only_while_others_decode() -> None:
     assert chunk_of(plan, second).end == 50
 
 
+def test_a_burst_computes_its_prompts_at_full_chunks_after_the_first_decodes() -> None:
+    # Prompts that arrived together: the first to finish its prompt decodes,
+    # but its pace does not cap the others' prompt chunks, which then get
+    # their first tokens as soon as computing every prompt allows.
+    asked: list[tuple[int, int]] = []
+
+    def limit(decoding: int, prefilling: int) -> int:
+        asked.append((decoding, prefilling))
+        return 7
+
+    sched = Scheduler(
+        SchedulerConfig(
+            max_running=3,
+            kv_capacity=10_000,
+            max_step_tokens=512,
+            prefill_chunk=100,
+            prefill_chunk_decoding=50,
+        )
+    )
+    short, long = make_seq(60, request_id="short"), make_seq(300, request_id="long")
+    sched.add(short)
+    sched.add(long)
+    opening = sched.schedule(limit)
+    assert sizes(opening) == {"short": 60, "long": 40}
+    sched.update(opening, {short: 5})
+    plan = sched.schedule(limit)
+    assert plan.num_decode == 1
+    assert sizes(plan) == {"short": 1, "long": 50}  # --prefill-chunk-decoding, not 7
+    assert asked == []
+    sched.update(plan, {short: 6})
+    # A prompt admitted after the stream started is paced against it, once
+    # what is left of the burst has its first token.
+    late = make_seq(300, request_id="late")
+    sched.add(late)
+    while long.num_generated == 0:
+        plan = sched.schedule(limit)
+        sched.update(plan, {c.seq: 7 for c in plan.chunks if c.completes})
+    assert asked == []
+    plan = sched.schedule(limit)
+    assert asked[-1] == (2, 1)  # two streams decode, one prompt waits
+    assert sizes(plan)["late"] == 7
+
+
 def test_finished_sequences_leave_only_the_newest_cache_beyond_the_budget() -> None:
     # Sequences that ran side by side all leave caches when they finish; the
     # cached KV slows every later decode step, so beyond prefix_cache_tokens

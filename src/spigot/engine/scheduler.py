@@ -8,7 +8,8 @@ Every step the scheduler:
    decode token, so running streams advance every step;
 3. fills the rest of the step's prefill budget with prompt chunks, oldest
    sequence first, so a long prompt is spread over several steps instead of
-   freezing the running streams (while others decode, the engine may cap the
+   freezing the running streams (while streams that were already streaming
+   when the oldest waiting prompt was admitted decode, the engine may cap the
    budget further by time: ``engine/step_costs.py``);
 4. if the KV pool would overflow, preempts the newest running sequences: their
    KV is dropped and they wait again, to be recomputed from their tokens
@@ -92,6 +93,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     runtime: Any = None  # the engine's per-sequence state (sampler, text assembler)
+    admitted_at: int = 0  # the scheduler step it last got a slot
+    first_token_at: int | None = None  # the scheduler step its first token was sampled
 
     @classmethod
     def from_request(cls, request: GenRequest) -> Sequence:
@@ -315,11 +318,9 @@ class Scheduler:
         if plan.num_decode:
             if self.config.prefill_chunk_decoding is not None:
                 chunk = self.config.prefill_chunk_decoding
-            if prefill_limit is not None:
-                prefilling = sum(
-                    1 for s in self.running if s.num_computed == 0 or s.num_pending > 1
-                )
-                chunk = min(chunk, prefill_limit(plan.num_decode, prefilling))
+            prompts = [s for s in self.running if s.num_computed == 0 or s.num_pending > 1]
+            if prefill_limit is not None and self._streams_to_pace(prompts):
+                chunk = min(chunk, prefill_limit(plan.num_decode, len(prompts)))
         prefill = min(budget, chunk)
         for seq in self.running:
             if prefill <= 0:
@@ -329,6 +330,22 @@ class Scheduler:
                 plan.chunks.append(Chunk(seq, seq.num_computed, seq.num_computed + n))
                 prefill -= n
         return plan
+
+    def _streams_to_pace(self, prompts: list[Sequence]) -> bool:
+        """Whether a stream was already streaming when the oldest of these
+        prompts got its slot: only such streams have a pace that prompt chunks
+        must spare. Streams admitted with the prompts (a burst of arrivals) got
+        their first token early by luck of the order; pacing them would make
+        the rest of the burst wait longer for its first token than computing
+        every prompt first would."""
+        if not prompts:
+            return False
+        oldest = min(s.admitted_at for s in prompts)
+        return any(
+            s.first_token_at is not None and s.first_token_at < oldest
+            for s in self.running
+            if s.num_generated > 0 and s.num_pending == 1
+        )
 
     def update(self, plan: StepPlan, sampled: dict[Sequence, int]) -> None:
         """Record a decoded step: chunks are now in KV; completed ones got a token."""
@@ -340,6 +357,8 @@ class Scheduler:
             token = sampled.get(seq)
             if token is not None:
                 seq.tokens.append(token)
+                if seq.first_token_at is None:
+                    seq.first_token_at = self._clock
 
     def _release(self, slot: Slot) -> None:
         slot.freed_at = self._clock
@@ -406,6 +425,7 @@ class Scheduler:
                 self._evict(slot, keep=reuse)
             slot.cached = []
             seq.slot = slot.id
+            seq.admitted_at = self._clock
             seq.status = SeqStatus.RUNNING
             seq.num_computed = reuse
             if seq.num_generated == 0:

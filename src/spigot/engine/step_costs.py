@@ -9,9 +9,10 @@ each step's decode tokens, prompt tokens and seconds here; ``prompt_budget``
 turns "a mixed step may take at most ``slowdown`` times a decode-only step"
 into a number of prompt tokens. When more sequences wait for their first
 token than decode, the balance tips towards them in proportion: the delay is
-paid by the decoding streams and buys progress for the waiting prompts (a
-burst of arrivals would otherwise crawl behind the first of them to start
-decoding).
+paid by the decoding streams and buys progress for the waiting prompts
+(several newcomers would otherwise crawl behind one another). The scheduler
+applies the budget only against streams that were streaming before the
+oldest waiting prompt got its slot, so a burst's own prompts are not paced.
 
 Under steady load every step may carry prompt tokens, so decode-only steps
 could stop happening and the estimate go stale (or never exist): when none was
