@@ -63,6 +63,19 @@ def run_step(sched: Scheduler, token: int = 7) -> StepPlan:
     return plan
 
 
+def chunking_scheduler() -> Scheduler:
+    """Three slots, 100-token prompt chunks, 50 while streams decode."""
+    return Scheduler(
+        SchedulerConfig(
+            max_running=3,
+            kv_capacity=10_000,
+            max_step_tokens=512,
+            prefill_chunk=100,
+            prefill_chunk_decoding=50,
+        )
+    )
+
+
 def chunk_of(plan: StepPlan, seq: Sequence) -> Chunk:
     found = [c for c in plan.chunks if c.seq is seq]
     assert len(found) == 1, f"{seq.request_id} has {len(found)} chunks"
@@ -687,15 +700,7 @@ def test_a_burst_computes_its_prompts_at_full_chunks_after_the_first_decodes() -
         asked.append((decoding, prefilling))
         return 7
 
-    sched = Scheduler(
-        SchedulerConfig(
-            max_running=3,
-            kv_capacity=10_000,
-            max_step_tokens=512,
-            prefill_chunk=100,
-            prefill_chunk_decoding=50,
-        )
-    )
+    sched = chunking_scheduler()
     short, long = make_seq(60, request_id="short"), make_seq(300, request_id="long")
     sched.add(short)
     sched.add(long)
@@ -745,15 +750,7 @@ def test_finished_sequences_leave_only_the_newest_cache_beyond_the_budget() -> N
 def test_a_newcomer_served_from_cache_does_not_count_as_a_decoding_stream() -> None:
     # Its one pending prompt token rides with the decode tokens, but no stream
     # is decoding yet: the other newcomer's prompt gets the full chunk.
-    sched = Scheduler(
-        SchedulerConfig(
-            max_running=3,
-            kv_capacity=10_000,
-            max_step_tokens=512,
-            prefill_chunk=100,
-            prefill_chunk_decoding=50,
-        )
-    )
+    sched = chunking_scheduler()
     system = list(range(500, 540))
     _run_to_finish(sched, _prompted(system, "a"))
     cached = _prompted(system, "b")
