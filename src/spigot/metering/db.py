@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -93,9 +94,26 @@ class SqliteDatabase(Database):
             path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
         self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        self._enable_wal(busy_timeout)
         self._conn.execute("PRAGMA foreign_keys=ON")
+
+    def _enable_wal(self, within: float) -> None:
+        # Switching a fresh file to WAL takes an exclusive lock, and SQLite
+        # may answer "database is locked" at once instead of waiting on the
+        # busy timeout when several processes open the file together (workers
+        # starting at once): retry for as long as that timeout.
+        deadline = time.monotonic() + within
+        delay = 0.005
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
 
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Tx]:
