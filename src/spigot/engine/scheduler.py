@@ -318,9 +318,10 @@ class Scheduler:
         if plan.num_decode:
             if self.config.prefill_chunk_decoding is not None:
                 chunk = self.config.prefill_chunk_decoding
-            prompts = [s for s in self.running if s.num_computed == 0 or s.num_pending > 1]
-            if prefill_limit is not None and self._streams_to_pace(prompts):
-                chunk = min(chunk, prefill_limit(plan.num_decode, len(prompts)))
+            if prefill_limit is not None:
+                prompts = [s for s in self.running if s.num_computed == 0 or s.num_pending > 1]
+                if self._streams_to_pace(prompts):
+                    chunk = min(chunk, prefill_limit(plan.num_decode, len(prompts)))
         prefill = min(budget, chunk)
         for seq in self.running:
             if prefill <= 0:
