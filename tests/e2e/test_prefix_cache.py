@@ -9,6 +9,7 @@ import httpx
 import orjson
 import pytest
 
+from spigot.bench.load import BenchConfig, Target, run_bench
 from tests.e2e.server import RunningServer, start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -171,3 +172,25 @@ def test_without_host_memory_an_evicted_prefix_is_computed_again() -> None:
         assert again["prompt_tokens_details"]["cached_tokens"] < 10  # the template's opening
     finally:
         srv.stop()
+
+
+async def test_cached_prompt_tokens_come_from_the_servers_usage(server: RunningServer) -> None:
+    # spigot bench against this server: one worker, two requests sharing a
+    # ~1,000-token system prompt. The second is answered from the prefix
+    # cache, and the bench reads how much of it from the usage chunk.
+    config = BenchConfig(
+        targets=(Target("spigot", server.base_url),),
+        concurrency=(1,),
+        requests=2,
+        max_tokens=2,
+        workload="shared-prefix",
+        warmup=0,
+        raw=True,
+    )
+    results = await run_bench(config)
+    (level,) = results["servers"][0]["levels"]
+    assert level["errors"]["total"] == 0, level["errors"]
+    cached = [s["cached_tokens"] for s in level["samples"]]
+    assert all(isinstance(c, int) for c in cached), cached
+    assert cached[1] > 900, cached
+    assert level["cached_tokens_mean"] == pytest.approx(sum(cached) / 2, abs=0.1)
