@@ -125,27 +125,37 @@ def test_streams_that_ran_together_leave_only_the_newest_cache(server: RunningSe
     assert 0 < stats["kv_used"] <= longest, (stats, usages)
 
 
-def test_a_prefix_evicted_from_the_pool_comes_back_from_host_memory(
-    server: RunningServer,
-) -> None:
+def test_a_prefix_evicted_from_the_pool_comes_back_from_host_memory() -> None:
     # The pool keeps only the newest cache; the one it replaces is saved to
     # host memory (--prefix-cache-ram) and copied back for a prompt that
     # starts the same way, giving the very KV the pool would have held.
-    server.wait_idle()
+    # A server of its own: streams that ran together before would leave holes
+    # in the pool, and a prompt computed into them keeps its KV in another
+    # cell order than its copy gets (see assert_same_distributions).
+    server = start_server("--parallel", "4")
+    try:
+        check_restored_prefix(server)
+    finally:
+        server.stop()
+
+
+def check_restored_prefix(server: RunningServer) -> None:
     system = f"Archive {uuid.uuid4()}. " + "You answer questions about old maps. " * 40
     payload = {
         "model": MODEL,
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Why?"}],
         "max_tokens": 16,
         "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 5,
     }
     url = f"{server.base_url}/chat/completions"
 
-    def answer() -> tuple[str, dict]:
+    def answer() -> tuple[list[dict], dict]:
         r = httpx.post(url, json=payload, timeout=120)
         assert r.status_code == 200, r.text
         body = r.json()
-        return body["choices"][0]["message"]["content"], body["usage"]
+        return body["choices"][0]["logprobs"]["content"], body["usage"]
 
     _, cold = answer()
     assert cold["prompt_tokens_details"]["cached_tokens"] < 10  # the chat template's opening
@@ -155,7 +165,32 @@ def test_a_prefix_evicted_from_the_pool_comes_back_from_host_memory(
     assert server.wait_idle()["saved_prefix_tokens"] >= cold["prompt_tokens"]
     from_host, restored = answer()
     assert restored["prompt_tokens_details"]["cached_tokens"] == cold["prompt_tokens"] - 1
-    assert from_host == from_pool
+    assert_same_distributions(from_pool, from_host)
+
+
+def assert_same_distributions(a: list[dict], b: list[dict], tolerance: float = 0.05) -> None:
+    """Two greedy runs saw the same KV, up to rounding.
+
+    llama.cpp's CPU flash attention walks a sequence's cells in pool order and
+    accumulates in f16, so the same KV in another cell order gives logprobs
+    that differ by up to about 0.15 (seen when the original was computed into
+    a fragmented pool): enough to flip a near-tie and part two greedy texts.
+    On a fresh pool the copy keeps the original's order and the two agree
+    exactly; ``tolerance`` leaves room for rounding only. Tokens agree up to a
+    parting, which may only fall on a near-tie.
+    """
+    assert a and b
+    for entry_a, entry_b in zip(a, b, strict=False):
+        top_a = {t["token"]: t["logprob"] for t in entry_a["top_logprobs"]}
+        top_b = {t["token"]: t["logprob"] for t in entry_b["top_logprobs"]}
+        shared = top_a.keys() & top_b.keys()
+        assert entry_a["token"] in shared and entry_b["token"] in shared, (entry_a, entry_b)
+        for token in shared & {entry_a["token"], entry_b["token"]}:
+            assert abs(top_a[token] - top_b[token]) < tolerance, (token, entry_a, entry_b)
+        if entry_a["token"] != entry_b["token"]:
+            # A near-tie: each run's pick is within rounding of the other's.
+            assert abs(top_a[entry_a["token"]] - top_a[entry_b["token"]]) < tolerance
+            return
 
 
 def test_without_host_memory_an_evicted_prefix_is_computed_again() -> None:

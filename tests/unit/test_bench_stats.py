@@ -27,7 +27,7 @@ from spigot.bench.request import (
     request_body,
     send_request,
 )
-from spigot.bench.results import error_totals
+from spigot.bench.results import error_totals, samples
 from spigot.bench.stats import (
     LevelRun,
     aggregate_level,
@@ -183,6 +183,17 @@ def test_cached_tokens_average_over_the_requests_that_report_them() -> None:
     silent = ok_result(0.0, [0.1], 0.1, tokens=1)
     level = aggregate_level([LevelRun(1, 1.0, [*reported, silent])])
     assert level["cached_tokens_mean"] == 4.0
+
+
+def test_raw_samples_say_when_each_request_was_sent_within_its_round() -> None:
+    first = [ok_result(100.0, [100.2], 100.2, tokens=1), ok_result(100.5, [101.5], 101.5, tokens=1)]
+    second = [ok_result(7.0, [7.3], 7.3, tokens=1)]
+    rows = samples([LevelRun(2, 2.0, first), LevelRun(2, 1.0, second)])
+    assert [(r["round"], r["sent_ms"], r["ttft_ms"]) for r in rows] == [
+        (0, 0.0, 200.0),
+        (0, 500.0, 1000.0),
+        (1, 0.0, 300.0),
+    ]
 
 
 def test_a_level_where_everything_failed_has_no_latencies() -> None:

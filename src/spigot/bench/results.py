@@ -54,10 +54,14 @@ def samples(runs: Sequence[LevelRun]) -> list[dict[str, Any]]:
     """Every request of a level, for ``--raw``."""
     rows = []
     for round_no, run in enumerate(runs):
+        # When each request was sent within its round: the burst that opens a
+        # level and the requests that follow it wait for different things.
+        round_start = min((r.start for r in run.results), default=0.0)
         for r in run.results:
             rows.append(
                 {
                     "round": round_no,
+                    "sent_ms": round((r.start - round_start) * 1000, 3),
                     "prompt": r.prompt_id,
                     "ok": r.ok,
                     "ttft_ms": None if r.ttft is None else round(r.ttft * 1000, 3),
