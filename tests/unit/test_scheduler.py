@@ -617,7 +617,7 @@ def test_without_prefix_cache_a_finished_slot_is_cleared() -> None:
 def _prompt_arriving_while_one_decodes(
     chunk_decoding: int, prefill_limit: Callable[[int, int], int] | None = None
 ) -> tuple[StepPlan, StepPlan, Sequence, Sequence]:
-    """A 300-token prompt prefilled until it decodes, then a second one arriving:
+    """A 300-token prompt prefilled until it decodes and streaming, then a second one arriving:
     the plan of the very first step, the plan of the step the second joins, and
     the two sequences."""
     sched = Scheduler(
@@ -636,6 +636,9 @@ def _prompt_arriving_while_one_decodes(
     while first.num_generated == 0:
         plan = sched.schedule(prefill_limit)
         sched.update(plan, {c.seq: 5 for c in plan.chunks if c.completes})
+    # One step of streaming before the second arrives (one arriving during
+    # the step that gave the first its token would be part of a burst).
+    sched.update(sched.schedule(prefill_limit), {first: 6})
     second = make_seq(300, request_id="second")
     sched.add(second)
     return opening, sched.schedule(prefill_limit), first, second
@@ -723,6 +726,38 @@ def test_a_burst_computes_its_prompts_at_full_chunks_after_the_first_decodes() -
     plan = sched.schedule(limit)
     assert asked[-1] == (2, 1)  # two streams decode, one prompt waits
     assert sizes(plan)["late"] == 7
+
+
+def test_a_burst_whose_first_request_started_a_step_early_is_still_a_burst() -> None:
+    # The engine takes up the first request of a burst alone; the rest arrive
+    # while that step runs and are queued after it gave the first its token.
+    # They arrived before that token, so they are not paced against it.
+    asked: list[tuple[int, int]] = []
+
+    def limit(decoding: int, prefilling: int) -> int:
+        asked.append((decoding, prefilling))
+        return 7
+
+    sched = chunking_scheduler()
+    first = make_seq(60, request_id="first")
+    sched.add(first)
+    opening = sched.schedule(limit)
+    rest = make_seq(300, request_id="rest")  # arrived while the opening step ran
+    sched.update(opening, {first: 5})
+    sched.add(rest)
+    plan = sched.schedule(limit)
+    assert plan.num_decode == 1
+    assert sizes(plan) == {"first": 1, "rest": 50}  # --prefill-chunk-decoding, not 7
+    assert asked == []
+    # One that arrives a step after the first token is paced.
+    sched.update(plan, {first: 6})
+    late = make_seq(300, request_id="late")
+    sched.add(late)
+    while rest.num_generated == 0:
+        plan = sched.schedule(limit)
+        sched.update(plan, {c.seq: 7 for c in plan.chunks if c.completes})
+    plan = sched.schedule(limit)
+    assert asked and sizes(plan)["late"] == 7
 
 
 def test_finished_sequences_leave_only_the_newest_cache_beyond_the_budget() -> None:

@@ -93,7 +93,10 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     runtime: Any = None  # the engine's per-sequence state (sampler, text assembler)
-    admitted_at: int = 0  # the scheduler step it last got a slot
+    # The scheduler step in progress (or the last one run) when it was queued:
+    # a request arriving while step k runs is queued with k, so it counts as
+    # arriving together with whatever got its first token in step k.
+    arrived_at: int = 0
     first_token_at: int | None = None  # the scheduler step its first token was sampled
 
     @classmethod
@@ -189,6 +192,7 @@ class Scheduler:
     # -- queue -----------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
+        seq.arrived_at = self._clock
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -334,14 +338,15 @@ class Scheduler:
 
     def _streams_to_pace(self, prompts: list[Sequence]) -> bool:
         """Whether a stream was already streaming when the oldest of these
-        prompts got its slot: only such streams have a pace that prompt chunks
-        must spare. Streams admitted with the prompts (a burst of arrivals) got
-        their first token early by luck of the order; pacing them would make
-        the rest of the burst wait longer for its first token than computing
-        every prompt first would."""
+        prompts arrived: only such streams have a pace that prompt chunks must
+        spare. Streams that arrived with the prompts (a burst) got their first
+        token early by luck of the order; pacing them would make the rest of
+        the burst wait longer for its first token than computing every prompt
+        first would. Arrival, not admission: the first request of a burst is
+        often taken up alone, a step before the rest is queued."""
         if not prompts:
             return False
-        oldest = min(s.admitted_at for s in prompts)
+        oldest = min(s.arrived_at for s in prompts)
         return any(
             s.first_token_at is not None and s.first_token_at < oldest
             for s in self.running
@@ -426,7 +431,6 @@ class Scheduler:
                 self._evict(slot, keep=reuse)
             slot.cached = []
             seq.slot = slot.id
-            seq.admitted_at = self._clock
             seq.status = SeqStatus.RUNNING
             seq.num_computed = reuse
             if seq.num_generated == 0:
