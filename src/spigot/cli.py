@@ -511,6 +511,20 @@ def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int
     return tuple(dict.fromkeys(levels))  # each level once, in the order given
 
 
+def _request_counts(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> int | tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        counts = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("expected a positive integer, or one per level such as 10,16")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def _url_name(url: str) -> str:
     from urllib.parse import urlsplit
 
@@ -539,9 +553,10 @@ def _url_name(url: str) -> str:
 @click.option(
     "--requests",
     "-n",
-    type=click.IntRange(1),
     default=None,
-    help="Requests per level. Default: 4 per worker (unless --duration).",
+    callback=_request_counts,
+    help="Requests per level: one count, or one per level (-c 1,8 -n 10,16). "
+    "Default: 4 per worker (unless --duration).",
 )
 @click.option(
     "--duration",
@@ -642,7 +657,7 @@ def bench_run(
     api_key: str | None,
     name: str | None,
     concurrency: tuple[int, ...],
-    requests: int | None,
+    requests: int | tuple[int, ...] | None,
     duration: float | None,
     workload: str,
     prompts_file: Path | None,
@@ -691,6 +706,10 @@ def bench_run(
 
     if requests is not None and duration is not None:
         raise click.UsageError("give --requests or --duration, not both")
+    if isinstance(requests, tuple) and len(requests) != len(concurrency):
+        raise click.UsageError(
+            f"--requests gives {len(requests)} counts for {len(concurrency)} levels"
+        )
     if compare_url is None and (compare_name or compare_model or compare_api_key):
         raise click.UsageError("--compare-name/--compare-model/--compare-api-key need --compare")
     url = url or default_base_url()

@@ -58,7 +58,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_run_writes_results_and_a_plot(server: RunningServer, tmp_path: Path) -> None:
     out, png = tmp_path / "results.json", tmp_path / "plot.png"
     result = bench(
-        "run", "--url", server.base_url, "--concurrency", "1,2", "--requests", "3",
+        "run", "--url", server.base_url, "--concurrency", "1,2", "--requests", "3,4",
         "--max-tokens", "8", "--warmup", "0", "--out", str(out), "--plot", str(png),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -69,6 +69,7 @@ def test_cli_run_writes_results_and_a_plot(server: RunningServer, tmp_path: Path
     results = json.loads(out.read_text())
     assert results["schema"] == "spigot-bench/1"
     assert results["config"]["concurrency"] == [1, 2]
+    assert results["config"]["requests"] == [3, 4]  # one count per level
     assert results["config"]["targets"][0]["api_key"] is False
     assert {"platform", "python", "cpu", "cpu_count"} <= set(results["machine"])
     (entry,) = results["servers"]
@@ -76,14 +77,14 @@ def test_cli_run_writes_results_and_a_plot(server: RunningServer, tmp_path: Path
     assert entry["url"] == server.base_url
     assert entry["token_count_source"] == "usage"
     assert [level["concurrency"] for level in entry["levels"]] == [1, 2]
-    for level in entry["levels"]:
+    for level, count in zip(entry["levels"], (3, 4), strict=True):
         assert set(level) == LEVEL_KEYS
         for metric in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
             assert set(level[metric]) == PERCENTILES
             assert level[metric]["p50"] is not None
         # ignore_eos + min_tokens: every request generates exactly max_tokens.
-        assert level["output_tokens"] == 3 * 8
-        assert (level["requests"], level["ok"]) == (3, 3)
+        assert level["output_tokens"] == count * 8
+        assert (level["requests"], level["ok"]) == (count, count)
         assert level["errors"] == {"total": 0, "by_kind": {}, "samples": []}
         assert level["itl_ms"]["count"] > 0
         assert level["output_tokens_per_s"] > 0
@@ -94,6 +95,15 @@ def test_cli_run_writes_results_and_a_plot(server: RunningServer, tmp_path: Path
     assert again.returncode == 0, again.stderr
     assert again.stdout == result.stdout
     assert (tmp_path / "again.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_cli_refuses_request_counts_that_do_not_match_the_levels() -> None:
+    result = bench("run", "--url", "http://127.0.0.1:9/v1", "-c", "1,2", "-n", "3,4,5")
+    assert result.returncode == 2
+    assert "--requests gives 3 counts for 2 levels" in result.stderr
+    result = bench("run", "--url", "http://127.0.0.1:9/v1", "-c", "1,2", "-n", "3,0")
+    assert result.returncode == 2
+    assert "one per level" in result.stderr
 
 
 def test_cli_against_a_port_nobody_listens_on(tmp_path: Path) -> None:

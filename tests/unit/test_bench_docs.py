@@ -29,7 +29,7 @@ def level(concurrency: int, cached: int | None, tokens_per_s: float) -> dict[str
     return aggregate_level([LevelRun(concurrency, wall, results)])
 
 
-def entry(other_cached: int | None) -> dict[str, Any]:
+def entry(other_cached: int | None, **per_level: Any) -> dict[str, Any]:
     servers = [
         {"name": "spigot", "levels": [level(1, 30, 60.0), level(8, 30, 100.0)]},
         {"name": "llama-server", "levels": [level(1, other_cached, 50.0), level(8, None, 80.0)]},
@@ -39,9 +39,10 @@ def entry(other_cached: int | None) -> dict[str, Any]:
         "prompts_file": None,
         "max_tokens": 3,
         "duration": 25.0,
+        "requests": None,
         "rounds": 3,
         "concurrency": [1, 8],
-    }
+    } | per_level
     machine = {"date": "2026-11-26", "commit": "abc", "cpu": "CPU", "cpu_count": 2}
     peer = {
         "ready": True,
@@ -62,3 +63,12 @@ def test_the_peer_table_shows_throughput_ratios_and_cached_prompt_tokens(tmp_pat
     assert rows[1].endswith("| 30 of 70 / - |")
     assert "medians of 3 rounds" in text
     assert (tmp_path / "vs-llama-server.png").stat().st_size > 0
+
+
+def test_the_peer_table_says_how_much_each_level_ran(tmp_path: Path) -> None:
+    by_time = render_peer("llama-server", entry(10), tmp_path, "img/")
+    assert "25 s per level" in by_time
+    counted = render_peer(
+        "llama-server", entry(10, duration=None, requests=[10, 16]), tmp_path, "img/"
+    )
+    assert "requests per level: 10 at 1, 16 at 8" in counted

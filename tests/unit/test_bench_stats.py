@@ -578,6 +578,23 @@ def test_config_rejects_both_a_count_and_a_duration() -> None:
     assert config(requests=None).requests_for(4) == 16
 
 
+def test_request_counts_apply_to_every_level_or_one_per_level() -> None:
+    assert config(concurrency=(1, 8), requests=5).requests_for(8) == 5
+    per_level = config(concurrency=(1, 8, 32), requests=(10, 16, 32))
+    assert [per_level.requests_for(c) for c in (1, 8, 32)] == [10, 16, 32]
+    with pytest.raises(ValueError):
+        config(concurrency=(1, 8), requests=(10, 16, 32))
+
+
+async def test_per_level_counts_send_exactly_that_many_requests() -> None:
+    transport, seen = fake_server()
+    results = await run_bench(
+        config(concurrency=(1, 2), requests=(3, 5), warmup=0), transport=transport
+    )
+    assert [lv["requests"] for lv in results["servers"][0]["levels"]] == [3, 5]
+    assert len(seen["chat"]) == 8
+
+
 # -- prompts -----------------------------------------------------------------------
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spigot.bench.report import per_level
+
 # Each part of the suite and the markers its results fill; every run also
 # fills the "machine" marker.
 MARKERS: dict[str, tuple[str, ...]] = {
@@ -205,7 +207,7 @@ def render_peer(name: str, entry: dict[str, Any], img_dir: Path, img_link: str) 
     a, b = spigot["name"], other["name"]
     what = (
         f"{config['workload']} workload, streamed chat, greedy, exactly {config['max_tokens']} "
-        f"output tokens per request, {config['duration']:g} s per level, levels interleaved "
+        f"output tokens per request, {per_level(config)}, levels interleaved "
         f"between the two servers, {_medians(config['rounds'])}"
     )
     lines = [

@@ -63,8 +63,11 @@ class Target:
 class BenchConfig:
     targets: tuple[Target, ...]
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
-    # Per level: a request count, or a duration in seconds. Neither: 4 per worker.
-    requests: int | None = None
+    # Per level: a request count (one for all levels, or one per level), or a
+    # duration in seconds. Neither: 4 per worker. Counts give two compared
+    # servers the very same requests; with a duration the faster one sends
+    # more prompts of the set, and meets them warm at the next level.
+    requests: int | tuple[int, ...] | None = None
     duration: float | None = None
     workload: str = "mixed"
     prompts_file: Path | None = None
@@ -87,11 +90,17 @@ class BenchConfig:
             raise ValueError("concurrency levels are positive integers")
         if self.requests is not None and self.duration is not None:
             raise ValueError("give a request count or a duration per level, not both")
+        if isinstance(self.requests, tuple) and len(self.requests) != len(self.concurrency):
+            raise ValueError("one request count for all levels, or one per level")
 
     def requests_for(self, concurrency: int) -> int | None:
         if self.duration is not None:
             return None
-        return self.requests if self.requests is not None else 4 * concurrency
+        if self.requests is None:
+            return 4 * concurrency
+        if isinstance(self.requests, int):
+            return self.requests
+        return self.requests[self.concurrency.index(concurrency)]
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

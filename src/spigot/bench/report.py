@@ -15,14 +15,22 @@ def _ratio(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def per_level(config: dict[str, Any]) -> str:
+    """How much each level of a run sends: a duration, or request counts."""
+    requests = config.get("requests")
+    if config.get("duration") is not None:
+        return f"{config['duration']:g} s per level"
+    if requests is None:
+        return "4 requests per worker"
+    if isinstance(requests, (list, tuple)):  # tuple before the JSON round trip
+        counts = zip(requests, config["concurrency"], strict=True)
+        return "requests per level: " + ", ".join(f"{n} at {c}" for n, c in counts)
+    return f"{requests} requests per level"
+
+
 def header(results: dict[str, Any]) -> str:
     config, machine = results["config"], results["machine"]
-    if config["duration"] is not None:
-        per_level = f"{config['duration']:g} s per level"
-    elif config["requests"] is not None:
-        per_level = f"{config['requests']} requests per level"
-    else:
-        per_level = "4 requests per worker"
+    per_level_sent = per_level(config)
     workload = config["prompts_file"] or config["workload"]
     if config.get("unique_prompts"):
         workload += " (each prompt tagged unique)"
@@ -30,7 +38,7 @@ def header(results: dict[str, Any]) -> str:
     rounds = f", {config['rounds']} rounds (medians)" if config["rounds"] > 1 else ""
     return (
         f"Workload {workload}, {config['endpoint']} endpoint, {exact}{config['max_tokens']} "
-        f"output tokens per request, {per_level}{rounds}. Machine: {machine.get('cpu')}, "
+        f"output tokens per request, {per_level_sent}{rounds}. Machine: {machine.get('cpu')}, "
         f"{machine.get('cpu_count')} cores."
     )
 

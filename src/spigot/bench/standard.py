@@ -74,7 +74,10 @@ class Plan:
     decode_rounds: int = 5
     decode_tokens: int = 128
     peer_concurrency: tuple[int, ...] = (1, 8, 32)
-    peer_duration: float = 25.0
+    # Requests per level, the same for both servers (about 25 s a level here).
+    # Not a duration: the faster server would send more of the prompt set and
+    # meet those prompts cached at the next level.
+    peer_requests: tuple[int, ...] = (10, 16, 32)
     peer_rounds: int = 3
     peer_max_tokens: int = 128
     prefix_parallel: int = 32
@@ -99,7 +102,7 @@ QUICK = Plan(
     decode_rounds=1,
     decode_tokens=16,
     peer_concurrency=(1, 2),
-    peer_duration=2.0,
+    peer_requests=(1, 2),
     peer_rounds=1,
     peer_max_tokens=16,
     prefix_parallel=4,
@@ -293,7 +296,7 @@ def run_peers(plan: Plan, logs: Path, say: Say) -> dict[str, Any]:
         config = BenchConfig(
             targets=(Target("spigot", spigot.base_url), Target(name, peer.base_url)),
             concurrency=plan.peer_concurrency,
-            duration=plan.peer_duration,
+            requests=plan.peer_requests,
             rounds=plan.peer_rounds,
             max_tokens=plan.peer_max_tokens,
         )
@@ -301,7 +304,8 @@ def run_peers(plan: Plan, logs: Path, say: Say) -> dict[str, Any]:
             sys.executable, "-m", "spigot", "bench", "run",
             "--url", spigot.base_url, "--name", "spigot",
             "--compare", peer.base_url, "--compare-name", name,
-            "-c", ",".join(map(str, config.concurrency)), "-d", f"{plan.peer_duration:g}",
+            "-c", ",".join(map(str, config.concurrency)),
+            "-n", ",".join(map(str, plan.peer_requests)),
             "--rounds", str(plan.peer_rounds), "--max-tokens", str(plan.peer_max_tokens),
         ]  # fmt: skip
         commands = [f"{shown(spigot.cmd)} &", f"{shown(peer.cmd)} &", shown(compare)]
