@@ -693,16 +693,41 @@ def test_prefill_limit_caps_prompt_tokens_only_while_others_decode() -> None:
     assert chunk_of(plan, second).end == 50
 
 
-def test_a_burst_computes_its_prompts_at_full_chunks_after_the_first_decodes() -> None:
-    # Prompts that arrived together: the first to finish its prompt decodes,
-    # but its pace does not cap the others' prompt chunks, which then get
-    # their first tokens as soon as computing every prompt allows.
+def recording_limit() -> tuple[list[tuple[int, int]], Callable[[int, int], int]]:
+    """A prefill limit of 7 tokens that records what it was asked."""
     asked: list[tuple[int, int]] = []
 
     def limit(decoding: int, prefilling: int) -> int:
         asked.append((decoding, prefilling))
         return 7
 
+    return asked, limit
+
+
+def assert_a_later_prompt_is_paced(
+    sched: Scheduler,
+    limit: Callable[[int, int], int],
+    asked: list[tuple[int, int]],
+    burst_last: Sequence,
+) -> None:
+    """A prompt arriving a step after two streams started is paced against
+    them, once ``burst_last``, the burst's last prompt, has its first token."""
+    late = make_seq(300, request_id="late")
+    sched.add(late)
+    while burst_last.num_generated == 0:
+        plan = sched.schedule(limit)
+        sched.update(plan, {c.seq: 7 for c in plan.chunks if c.completes})
+    assert asked == []
+    plan = sched.schedule(limit)
+    assert asked[-1] == (2, 1)  # two streams decode, one prompt waits
+    assert sizes(plan)["late"] == 7
+
+
+def test_a_burst_computes_its_prompts_at_full_chunks_after_the_first_decodes() -> None:
+    # Prompts that arrived together: the first to finish its prompt decodes,
+    # but its pace does not cap the others' prompt chunks, which then get
+    # their first tokens as soon as computing every prompt allows.
+    asked, limit = recording_limit()
     sched = chunking_scheduler()
     short, long = make_seq(60, request_id="short"), make_seq(300, request_id="long")
     sched.add(short)
@@ -715,29 +740,14 @@ def test_a_burst_computes_its_prompts_at_full_chunks_after_the_first_decodes() -
     assert sizes(plan) == {"short": 1, "long": 50}  # --prefill-chunk-decoding, not 7
     assert asked == []
     sched.update(plan, {short: 6})
-    # A prompt admitted after the stream started is paced against it, once
-    # what is left of the burst has its first token.
-    late = make_seq(300, request_id="late")
-    sched.add(late)
-    while long.num_generated == 0:
-        plan = sched.schedule(limit)
-        sched.update(plan, {c.seq: 7 for c in plan.chunks if c.completes})
-    assert asked == []
-    plan = sched.schedule(limit)
-    assert asked[-1] == (2, 1)  # two streams decode, one prompt waits
-    assert sizes(plan)["late"] == 7
+    assert_a_later_prompt_is_paced(sched, limit, asked, long)
 
 
 def test_a_burst_whose_first_request_started_a_step_early_is_still_a_burst() -> None:
     # The engine takes up the first request of a burst alone; the rest arrive
     # while that step runs and are queued after it gave the first its token.
     # They arrived before that token, so they are not paced against it.
-    asked: list[tuple[int, int]] = []
-
-    def limit(decoding: int, prefilling: int) -> int:
-        asked.append((decoding, prefilling))
-        return 7
-
+    asked, limit = recording_limit()
     sched = chunking_scheduler()
     first = make_seq(60, request_id="first")
     sched.add(first)
@@ -749,15 +759,8 @@ def test_a_burst_whose_first_request_started_a_step_early_is_still_a_burst() -> 
     assert plan.num_decode == 1
     assert sizes(plan) == {"first": 1, "rest": 50}  # --prefill-chunk-decoding, not 7
     assert asked == []
-    # One that arrives a step after the first token is paced.
     sched.update(plan, {first: 6})
-    late = make_seq(300, request_id="late")
-    sched.add(late)
-    while rest.num_generated == 0:
-        plan = sched.schedule(limit)
-        sched.update(plan, {c.seq: 7 for c in plan.chunks if c.completes})
-    plan = sched.schedule(limit)
-    assert asked and sizes(plan)["late"] == 7
+    assert_a_later_prompt_is_paced(sched, limit, asked, rest)
 
 
 def test_finished_sequences_leave_only_the_newest_cache_beyond_the_budget() -> None:
