@@ -545,7 +545,8 @@ def standard(quick: bool, parts: list[str], out: Path, render_only: bool) -> Non
     built them), prefix (cold against warm TTFT) and interference (a long prompt
     arriving while streams decode). Each writes its tables, plots and exact
     commands between its <!-- bench:NAME:start/end --> markers; prose outside
-    the markers is kept. The full suite takes about 25 minutes on 2 cores.
+    the markers is kept. The full suite takes about 45 minutes on 2 cores, the
+    peers part about 25.
     """
     if not out.is_file():
         raise click.UsageError(f"{out} does not exist (run from the repository, or give --out)")
