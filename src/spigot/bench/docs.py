@@ -84,6 +84,22 @@ def _cached(level: dict[str, Any]) -> str:
     return f"{cached:,.0f} of {prompt:,.0f}"
 
 
+def _round_ratios(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Throughput ratios of the rounds the two servers ran back to back, and
+    their median: a paired figure, which the machine's drift from round to
+    round moves less than the ratio of the two servers' medians."""
+    pairs = zip(a.get("rounds", []), b.get("rounds", []), strict=False)
+    ratios = [
+        ra["output_tokens_per_s"] / rb["output_tokens_per_s"]
+        for ra, rb in pairs
+        if ra["output_tokens_per_s"] and rb["output_tokens_per_s"]
+    ]
+    if len(ratios) < 2:
+        return "-"
+    each = ", ".join(f"{r:.2f}" for r in ratios)
+    return f"{each} (median {statistics.median(ratios):.2f})"
+
+
 def _medians(rounds: int) -> str:
     return f"medians of {rounds} rounds" if rounds > 1 else "one round"
 
@@ -211,16 +227,16 @@ def render_peer(name: str, entry: dict[str, Any], img_dir: Path, img_link: str) 
         f"between the two servers, {_medians(config['rounds'])}"
     )
     lines = [
-        f"| concurrency | out tok/s {a} | out tok/s {b} | {a} / {b} "
+        f"| concurrency | out tok/s {a} | out tok/s {b} | {a} / {b} | per round "
         f"| TTFT p50 {a} / {b} (ms) | TTFT p99 {a} / {b} (ms) | TPOT p50 {a} / {b} (ms) "
         f"| cached prompt tokens {a} / {b} |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for la, lb in zip(spigot["levels"], other["levels"], strict=True):
         ta, tb = la["output_tokens_per_s"], lb["output_tokens_per_s"]
         ratio = f"{ta / tb:.2f}" if ta and tb else "-"
         lines.append(
-            f"| {la['concurrency']} | {_num(ta)} | {_num(tb)} | {ratio} "
+            f"| {la['concurrency']} | {_num(ta)} | {_num(tb)} | {ratio} | {_round_ratios(la, lb)} "
             f"| {_num(la['ttft_ms']['p50'], 0)} / {_num(lb['ttft_ms']['p50'], 0)} "
             f"| {_num(la['ttft_ms']['p99'], 0)} / {_num(lb['ttft_ms']['p99'], 0)} "
             f"| {_num(la['tpot_ms']['p50'])} / {_num(lb['tpot_ms']['p50'])} "
