@@ -501,13 +501,19 @@ def bench() -> None:
 bench.add_command(bench_standard)
 
 
-def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+def _positive_ints(value: str, expected: str) -> tuple[int, ...]:
+    """Comma-separated positive integers, or a usage error saying ``expected``."""
     try:
-        levels = tuple(int(part) for part in value.split(",") if part.strip())
+        numbers = tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError:
-        raise click.BadParameter("expected positive integers such as 1,2,4,8") from None
-    if not levels or min(levels) < 1:
-        raise click.BadParameter("expected positive integers such as 1,2,4,8")
+        numbers = ()
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(expected)
+    return numbers
+
+
+def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    levels = _positive_ints(value, "expected positive integers such as 1,2,4,8")
     return tuple(dict.fromkeys(levels))  # each level once, in the order given
 
 
@@ -516,12 +522,7 @@ def _request_counts(
 ) -> int | tuple[int, ...] | None:
     if value is None:
         return None
-    try:
-        counts = tuple(int(part) for part in value.split(",") if part.strip())
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
-        raise click.BadParameter("expected a positive integer, or one per level such as 10,16")
+    counts = _positive_ints(value, "expected a positive integer, or one per level such as 10,16")
     return counts[0] if len(counts) == 1 else counts
 
 

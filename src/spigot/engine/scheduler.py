@@ -9,7 +9,7 @@ Every step the scheduler:
 3. fills the rest of the step's prefill budget with prompt chunks, oldest
    sequence first, so a long prompt is spread over several steps instead of
    freezing the running streams (while streams that were already streaming
-   when the oldest waiting prompt was admitted decode, the engine may cap the
+   when the oldest waiting prompt arrived decode, the engine may cap the
    budget further by time: ``engine/step_costs.py``);
 4. if the KV pool would overflow, preempts the newest running sequences: their
    KV is dropped and they wait again, to be recomputed from their tokens

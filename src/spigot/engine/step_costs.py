@@ -12,7 +12,7 @@ token than decode, the balance tips towards them in proportion: the delay is
 paid by the decoding streams and buys progress for the waiting prompts
 (several newcomers would otherwise crawl behind one another). The scheduler
 applies the budget only against streams that were streaming before the
-oldest waiting prompt got its slot, so a burst's own prompts are not paced.
+oldest waiting prompt arrived, so a burst's own prompts are not paced.
 
 Under steady load every step may carry prompt tokens, so decode-only steps
 could stop happening and the estimate go stale (or never exist): when none was
