@@ -5,8 +5,8 @@ to the event loop) from what serving costs (the event loop's HTTP work and
 the client, competing for the same cores). Both run on one model and context,
 rounds alternating: the engine decodes ``--streams`` greedy requests of
 ``--tokens`` tokens, timed from the first output on so the prompts are left
-out, then the bare loop of ``spigot.bench.decode`` decodes as many (the
-engine thread is idle meanwhile, blocked on its inbox).
+out, then the bare loop of ``spigot.bench.decode`` decodes as many, on the
+engine thread between requests.
 
     python -m spigot.bench.engine_vs_bare --streams 1,8 --rounds 4
 """
@@ -61,7 +61,10 @@ async def compare(
             runs: dict[str, list[float]] = {"engine": [], "bare": []}
             for _ in range(rounds):
                 runs["engine"].append(await engine_step_ms(engine, n, tokens))
-                runs["bare"].append(n / bare_decode(engine.model, n, tokens) * 1000)
+                # On the engine thread, idle meanwhile: the context decodes on
+                # one thread only (``LlamaCppModel.decode``).
+                bare = engine.core.call(lambda n=n: bare_decode(engine.model, n, tokens))
+                runs["bare"].append(n / await asyncio.wrap_future(bare) * 1000)
             results[n] = runs
         return results
     finally:

@@ -122,10 +122,6 @@ class AsyncEngine:
             bos_token=self.model.token_text(self.model.bos_id) if self.model.bos_id >= 0 else "",
             eos_token=self.model.token_text(self.model.eos_id) if self.model.eos_id >= 0 else "",
         )
-        saved_prefix_tokens = 0
-        if options.prefix_cache and options.prefix_cache_ram_mb > 0:
-            per_token = self.model.kv_bytes_per_token()
-            saved_prefix_tokens = options.prefix_cache_ram_mb * 2**20 // per_token
         scheduler = Scheduler(
             SchedulerConfig(
                 max_running=options.parallel,
@@ -135,7 +131,8 @@ class AsyncEngine:
                 prefix_cache=options.prefix_cache,
                 prefill_chunk_decoding=options.prefill_chunk_decoding,
                 prefix_cache_tokens=options.prefix_cache_tokens,
-                saved_prefix_tokens=saved_prefix_tokens,
+                # Sized on the engine thread at start (``_size_host_tier``).
+                saved_prefix_tokens=0,
             )
         )
         self.core = EngineCore(
@@ -161,8 +158,18 @@ class AsyncEngine:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the engine thread; it measures what it needs before any request."""
         self._loop = loop
         self.core.start()
+        if self.options.prefix_cache and self.options.prefix_cache_ram_mb > 0:
+            # The measurement decodes, so it runs on the engine thread
+            # (``LlamaCppModel.decode`` says why); requests queue behind it.
+            self.core.call(self._size_host_tier).result(timeout=60)
+
+    def _size_host_tier(self) -> None:
+        per_token = self.model.kv_bytes_per_token()
+        tokens = self.options.prefix_cache_ram_mb * 2**20 // per_token
+        self.core.scheduler.saved.capacity_tokens = tokens
 
     def stop(self) -> None:
         # Freeing the model under a running step would crash the process;

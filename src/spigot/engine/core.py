@@ -17,7 +17,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -86,11 +88,25 @@ class EngineCore:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def thread_ident(self) -> int | None:
+        return self._thread.ident
+
     def add(self, request: GenRequest) -> None:
         self._inbox.put(("add", request))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the engine thread between steps; its result or error in the future.
+
+        For work on the model that must not run on another thread
+        (``LlamaCppModel.decode``): measurements at start, benchmarks.
+        """
+        future: Future[Any] = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop the thread; False if it is still inside a step after ``timeout``."""
@@ -146,6 +162,14 @@ class EngineCore:
                     self._release(seq)
                     # The last word on an aborted sequence: what it consumed.
                     self._emit([(seq.request_id, self._final_output(seq, FinishReason.ABORT))])
+            elif kind == "call":
+                assert isinstance(arg, tuple)
+                fn, future = arg
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:
+                        future.set_exception(exc)
             elif kind == "stop":
                 self._stopping = True
                 return

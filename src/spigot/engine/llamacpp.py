@@ -203,6 +203,7 @@ class LlamaCppModel:
         self.n_ctx = ll.llama_n_ctx(ctx)
         self.memory = ll.llama_get_memory(ctx)
         self.batch = Batch(options.n_batch)
+        self._compute_thread: int | None = None  # the one thread that decodes
 
         self.pieces: list[bytes] = [self._piece(t) for t in range(self.n_vocab)]
         self.eog_ids: frozenset[int] = frozenset(
@@ -250,8 +251,28 @@ class LlamaCppModel:
 
     # -- engine thread only -------------------------------------------------
 
+    @property
+    def decoding_thread(self) -> int | None:
+        """The ident of the thread that decodes on this context, once one has."""
+        return self._compute_thread
+
     def decode(self) -> int:
-        """Decode the current batch. 0 = ok, 1 = no KV space, other = failure."""
+        """Decode the current batch. 0 = ok, 1 = no KV space, other = failure.
+
+        Only the first thread that decodes on this context may decode on it.
+        llama.cpp's CPU backend runs each graph as an OpenMP parallel region,
+        and libgomp keeps a team of worker threads for every thread that ever
+        ran one, for as long as that thread lives. Once a process holds more
+        of them than cores, libgomp stops spinning at barriers, so each of the
+        hundreds of barriers in a decode puts a thread to sleep and wakes it:
+        on 2 cores, one stream decoded at 90 instead of 145 tok/s on a second
+        thread after the first had decoded once (docs/engine.md).
+        """
+        thread = threading.get_ident()
+        if self._compute_thread is None:
+            self._compute_thread = thread
+        elif thread != self._compute_thread:
+            raise RuntimeError("a context decodes on one thread only (see LlamaCppModel.decode)")
         self.batch.struct.n_tokens = self.batch.n_tokens
         return int(ll.llama_decode(self.ctx, self.batch.struct))
 

@@ -1,0 +1,96 @@
+"""One thread decodes on a context: the engine thread, measurements at start included.
+
+A second thread running ggml graphs makes libgomp stop spinning at barriers,
+which slowed one stream by a third on 2 cores (``LlamaCppModel.decode``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from spigot.engine.async_engine import AsyncEngine, EngineOptions
+from spigot.engine.llamacpp import ContextOptions, LlamaCppModel, set_native_logging
+from spigot.engine.types import GenRequest, SamplingParams
+from spigot.models import embedded_model_path
+from tests.unit.fake_model import FakeModel
+
+
+def on_a_thread(fn: Callable[[], object]) -> object:
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def decode_one_token(model: LlamaCppModel) -> int:
+    model.batch.clear()
+    model.batch.add(0, [model.bos_id if model.bos_id >= 0 else 0], 0, True)
+    rc = model.decode()
+    model.remove_sequence(0)
+    return rc
+
+
+def test_a_context_refuses_a_decode_from_a_second_thread() -> None:
+    set_native_logging(False)
+    model = LlamaCppModel(
+        embedded_model_path(), ContextOptions(n_ctx=512, n_seq_max=1, n_batch=32, n_threads=2)
+    )
+    try:
+        # Both on short-lived threads, so that no OpenMP team outlives the test.
+        assert on_a_thread(lambda: decode_one_token(model)) == 0
+        refused = on_a_thread(lambda: decode_one_token(model))
+        assert isinstance(refused, RuntimeError)
+        assert "one thread" in str(refused)
+    finally:
+        model.close()
+
+
+async def test_a_served_model_decodes_on_the_engine_thread_only() -> None:
+    set_native_logging(False)
+    engine = AsyncEngine.load(
+        "probe", embedded_model_path(), EngineOptions(n_ctx=1024, parallel=2, threads=2)
+    )
+    assert engine.model.decoding_thread is None  # loading computes nothing
+    engine.start(asyncio.get_running_loop())
+    try:
+        # The host-memory tier is sized from a probe decode, done on the engine thread.
+        assert engine.core.scheduler.saved.capacity_tokens > 0
+        assert engine.model.decoding_thread == engine.core.thread_ident
+        params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
+        prompt = tuple(engine.tokenize_prompt("Hello"))
+        request = GenRequest(engine.new_request_id(), prompt, params)
+        outputs = [o async for o in engine.submit([request])]
+        assert outputs[-1].usage is not None and outputs[-1].usage.completion_tokens == 4
+        assert engine.model.decoding_thread == engine.core.thread_ident
+    finally:
+        engine.stop()
+
+
+async def test_call_runs_on_the_engine_thread_and_returns_its_result_or_error() -> None:
+    engine = AsyncEngine("fake", FakeModel(), EngineOptions(n_ctx=1024, parallel=2))
+    engine.start(asyncio.get_running_loop())
+    try:
+        name = await asyncio.wrap_future(engine.core.call(lambda: threading.current_thread().name))
+        assert name == "spigot-engine"
+
+        def fail() -> None:
+            raise ValueError("from the engine thread")
+
+        with pytest.raises(ValueError, match="from the engine thread"):
+            await asyncio.wrap_future(engine.core.call(fail))
+        # The thread goes on serving after a failed call.
+        assert await asyncio.wrap_future(engine.core.call(lambda: 42)) == 42
+    finally:
+        engine.stop()
