@@ -203,7 +203,7 @@ class LlamaCppModel:
         self.n_ctx = ll.llama_n_ctx(ctx)
         self.memory = ll.llama_get_memory(ctx)
         self.batch = Batch(options.n_batch)
-        self._compute_thread: int | None = None  # the one thread that decodes
+        self._decoding_thread: int | None = None  # the one thread that decodes
 
         self.pieces: list[bytes] = [self._piece(t) for t in range(self.n_vocab)]
         self.eog_ids: frozenset[int] = frozenset(
@@ -254,7 +254,7 @@ class LlamaCppModel:
     @property
     def decoding_thread(self) -> int | None:
         """The ident of the thread that decodes on this context, once one has."""
-        return self._compute_thread
+        return self._decoding_thread
 
     def decode(self) -> int:
         """Decode the current batch. 0 = ok, 1 = no KV space, other = failure.
@@ -269,9 +269,9 @@ class LlamaCppModel:
         thread after the first had decoded once (docs/engine.md).
         """
         thread = threading.get_ident()
-        if self._compute_thread is None:
-            self._compute_thread = thread
-        elif thread != self._compute_thread:
+        if self._decoding_thread is None:
+            self._decoding_thread = thread
+        elif thread != self._decoding_thread:
             raise RuntimeError("a context decodes on one thread only (see LlamaCppModel.decode)")
         self.batch.struct.n_tokens = self.batch.n_tokens
         return int(ll.llama_decode(self.ctx, self.batch.struct))
