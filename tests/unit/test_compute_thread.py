@@ -1,7 +1,8 @@
 """One thread decodes on a context: the engine thread, measurements at start included.
 
 A second thread running ggml graphs makes libgomp stop spinning at barriers,
-which slowed one stream by a third on 2 cores (``LlamaCppModel.decode``).
+which slows one stream by about two fifths on 2 cores (``LlamaCppModel.decode``,
+``python -m spigot.bench.omp_teams``).
 """
 
 from __future__ import annotations

@@ -265,8 +265,8 @@ class LlamaCppModel:
         ran one, for as long as that thread lives. Once a process holds more
         of them than cores, libgomp stops spinning at barriers, so each of the
         hundreds of barriers in a decode puts a thread to sleep and wakes it:
-        on 2 cores, one stream decoded at 90 instead of 145 tok/s on a second
-        thread after the first had decoded once (docs/engine.md).
+        on 2 cores, one stream decoded at 78 instead of 136 tok/s once another
+        thread had decoded a token (``python -m spigot.bench.omp_teams``).
         """
         thread = threading.get_ident()
         if self._decoding_thread is None:
