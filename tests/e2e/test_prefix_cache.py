@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
 from spigot.bench.load import BenchConfig, Target, run_bench
+from spigot.metering import open_store
 from tests.e2e.server import RunningServer, start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -234,3 +236,69 @@ async def test_cached_prompt_tokens_come_from_the_servers_usage(server: RunningS
     assert first["sent_ms"] == 0
     assert second["sent_ms"] >= first["e2e_ms"] - 0.01, (first, second)
     assert level["cached_tokens_mean"] == pytest.approx(sum(cached) / 2, abs=0.1)
+
+
+# -- cache scopes: one key's prompts never show in another key's cached_tokens --------
+
+
+def keyed_server(tmp_path: Path, *args: str) -> tuple[RunningServer, str, str]:
+    """A server with two API keys in its ledger: (server, key A's secret, key B's)."""
+    db = str(tmp_path / "keys.db")
+    with open_store(db) as store:
+        secrets = [store.create_key(name)[1] for name in ("tenant-a", "tenant-b")]
+    return start_server("--parallel", "2", "--db", db, *args), secrets[0], secrets[1]
+
+
+def ask_as(server: RunningServer, secret: str, system: str) -> dict:
+    r = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": "What is my secret?"},
+            ],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]
+
+
+def test_a_key_never_reuses_another_keys_prefix(tmp_path: Path) -> None:
+    # The cross-tenant side channel: were the cache shared, key B sending key
+    # A's prompt would see it counted as cached (and answered sooner), and
+    # could recover A's system prompt token by token.
+    server, key_a, key_b = keyed_server(tmp_path)
+    try:
+        system = f"Tenant A {uuid.uuid4()}. The secret word is lighthouse. " * 20
+        cold = ask_as(server, key_a, system)
+        assert cold["prompt_tokens"] > 200
+        probe = ask_as(server, key_b, system)
+        assert probe["prompt_tokens"] == cold["prompt_tokens"]
+        assert probe["prompt_tokens_details"]["cached_tokens"] == 0
+        # A's own prefix is still there for A: B's request took over A's slot,
+        # so A's copy comes back from host memory, saved under A's scope.
+        warm = ask_as(server, key_a, system)
+        assert warm["prompt_tokens_details"]["cached_tokens"] == cold["prompt_tokens"] - 1
+        # And B now reuses what B computed.
+        again = ask_as(server, key_b, system)
+        assert again["prompt_tokens_details"]["cached_tokens"] == cold["prompt_tokens"] - 1
+    finally:
+        server.stop()
+
+
+def test_a_shared_prefix_cache_reuses_across_keys(tmp_path: Path) -> None:
+    # --prefix-cache-scope shared: today's most-reuse behaviour, for a
+    # single-tenant deployment whose keys trust each other.
+    server, key_a, key_b = keyed_server(tmp_path, "--prefix-cache-scope", "shared")
+    try:
+        system = f"Team {uuid.uuid4()}. You answer questions about tides. " * 20
+        cold = ask_as(server, key_a, system)
+        other = ask_as(server, key_b, system)
+        assert other["prompt_tokens_details"]["cached_tokens"] == cold["prompt_tokens"] - 1
+    finally:
+        server.stop()

@@ -46,3 +46,39 @@ def test_remove_id_forgets_an_entry() -> None:
     saved.remove_id(entry.id)
     saved.remove_id(entry.id)  # twice is harmless
     assert saved.longest_match([5, 6, 7]) == (None, 0) and saved.tokens == 0
+
+
+# -- cache scopes: one tenant never matches another's prefixes ----------------
+
+
+def test_entries_match_only_within_their_scope() -> None:
+    saved = SavedPrefixes(1000)
+    mine, _ = saved.add([1, 2, 3, 4, 5], "key:1")
+    assert saved.longest_match([1, 2, 3, 4, 5], "key:1") == (mine, 5)
+    assert saved.longest_match([1, 2, 3, 4, 5], "key:2") == (None, 0)
+    assert saved.longest_match([1, 2, 3, 4, 5]) == (None, 0)  # "" is a scope too
+
+
+def test_the_same_tokens_are_saved_once_per_scope() -> None:
+    saved = SavedPrefixes(1000)
+    a, _ = saved.add([1, 2, 3], "key:1")
+    # Another scope's save neither counts as already held nor replaces a's.
+    b, dropped = saved.add([1, 2, 3, 4], "key:2")
+    assert b is not None and dropped == []
+    assert saved.longest_match([1, 2, 3, 4], "key:1") == (a, 3)
+    assert saved.longest_match([1, 2, 3, 4], "key:2") == (b, 4)
+    assert len(saved) == 2 and saved.tokens == 7
+
+
+def test_scopes_share_one_budget_least_recently_used_first() -> None:
+    saved = SavedPrefixes(8)
+    a, _ = saved.add([1, 1, 1, 1], "key:1")
+    b, _ = saved.add([2, 2, 2, 2], "key:2")
+    c, dropped = saved.add([3, 3, 3, 3], "key:3")
+    assert dropped == [a] and saved.tokens == 8
+    assert saved.longest_match([1, 1, 1, 1], "key:1") == (None, 0)
+    assert b is not None and c is not None
+    saved.remove_id(b.id)
+    saved.remove_id(c.id)
+    assert len(saved) == 0 and saved.tokens == 0
+    assert not saved._by_scope  # a scope with no entries left is not kept around

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spigot.engine.saved_prefixes import common_prefix_length
 from spigot.engine.scheduler import (
     MIN_SAVED_TOKENS,
     Chunk,
@@ -538,8 +539,10 @@ def test_random_workloads_keep_every_invariant(
 
 
 def _run_to_finish(sched: Scheduler, seq: Sequence, outputs: int = 1) -> None:
-    """Admit and prefill ``seq``, sample ``outputs`` tokens, then finish it."""
-    sched.add(seq)
+    """Admit and prefill ``seq`` (unless it is queued already), sample
+    ``outputs`` tokens, then finish it."""
+    if seq.status is SeqStatus.WAITING and seq not in sched.waiting:
+        sched.add(seq)
     for _ in range(1000):
         plan = sched.schedule()
         sampled = {c.seq: 7 for c in plan.chunks if c.completes}
@@ -549,9 +552,9 @@ def _run_to_finish(sched: Scheduler, seq: Sequence, outputs: int = 1) -> None:
     sched.finish(seq, FinishReason.STOP)
 
 
-def _prompted(tokens: list[int], request_id: str) -> Sequence:
+def _prompted(tokens: list[int], request_id: str, scope: str = "") -> Sequence:
     return Sequence.from_request(
-        GenRequest(request_id, tuple(tokens), SamplingParams(max_tokens=8))
+        GenRequest(request_id, tuple(tokens), SamplingParams(max_tokens=8), cache_scope=scope)
     )
 
 
@@ -908,3 +911,132 @@ def test_a_failed_load_makes_the_sequence_compute_its_prompt() -> None:
     assert sched.saved.longest_match(shared) == (None, 0)
     plan = sched.schedule()
     assert chunk_of(plan, c).start == 0
+
+
+# -- cache scopes: a prefix is reused only by the scope that computed it ---------
+
+
+def test_a_cached_prefix_is_reused_only_within_its_scope() -> None:
+    sched = make_scheduler(max_running=3, prefix_cache=True, prefix_cache_tokens=1000)
+    system = list(range(500, 540))
+    a = _prompted([*system, 1, 2], "a", scope="key:1")
+    _run_to_finish(sched, a)
+    # Another key sending the same prompt computes all of it: no cached count,
+    # no shorter time to first token, nothing learnt about key:1's prompt.
+    b = _prompted([*system, 1, 2], "b", scope="key:2")
+    sched.add(b)
+    plan = sched.schedule()
+    assert b.num_cached == 0 and chunk_of(plan, b).start == 0
+    assert b.slot != a.slot  # within the cache budget an empty slot is taken
+    _run_to_finish(sched, b)
+    again = _prompted([*system, 3], "a2", scope="key:1")
+    sched.add(again)
+    sched.schedule()
+    assert again.slot == a.slot and again.num_cached == len(system)
+
+
+def test_another_scopes_cache_is_taken_over_but_never_reused() -> None:
+    # No cache budget: a prompt that matches nothing of its own takes over the
+    # least recently freed cache, even one with the very same tokens.
+    sched = make_scheduler(max_running=2, prefix_cache=True)
+    prompt = list(range(1, 31))
+    a = _prompted(prompt, "a", scope="key:1")
+    _run_to_finish(sched, a)
+    sched.take_kv_ops()
+    b = _prompted(prompt, "b", scope="key:2")
+    sched.add(b)
+    plan = sched.schedule()
+    assert b.slot == a.slot
+    assert b.num_cached == 0 and chunk_of(plan, b).start == 0
+    assert sched.take_kv_ops() == [DropKV(a.slot, 0)]  # all of key:1's KV goes first
+    _run_to_finish(sched, b)
+    # The slot now caches key:2's prompt, for key:2 only.
+    c = _prompted([*prompt, 9], "c", scope="key:1")
+    sched.add(c)
+    sched.schedule()
+    assert c.num_cached == 0
+
+
+def test_saved_prefixes_are_loaded_only_within_their_scope() -> None:
+    sched = _saving_scheduler()
+    shared = list(range(1, 41))
+    _run_to_finish(sched, _prompted([*shared, 7, 7], "a", scope="key:1"))
+    _run_to_finish(sched, _prompted(list(range(100, 130)), "b", scope="key:1"))  # a to host
+    assert sched.saved.tokens == len(shared) + 2
+    sched.take_kv_ops()
+    other = _prompted([*shared, 5, 6], "other", scope="key:2")
+    sched.add(other)
+    plan = sched.schedule()
+    assert not any(isinstance(op, LoadKV) for op in sched.take_kv_ops())
+    assert other.num_cached == 0 and chunk_of(plan, other).start == 0
+    mine = _prompted([*shared, 5, 6], "mine", scope="key:1")
+    sched.add(mine)
+    sched.schedule()
+    assert any(isinstance(op, LoadKV) for op in sched.take_kv_ops())
+    assert mine.num_cached == len(shared)
+
+
+@st.composite
+def scoped_workloads(draw: st.DrawFn) -> tuple[SchedulerConfig, list[tuple[int, str, list[int]]]]:
+    max_running = draw(st.integers(1, 3))
+    cfg = SchedulerConfig(
+        max_running,
+        kv_capacity=draw(st.integers(100, 400)),
+        max_step_tokens=draw(st.integers(max_running, 48)),
+        prefill_chunk=draw(st.integers(1, 48)),
+        prefix_cache=True,
+        prefix_cache_tokens=draw(st.sampled_from([0, 60, 1000])),
+        saved_prefix_tokens=draw(st.sampled_from([0, 50, 1000])),
+    )
+    # Prompts built from a few shared openings, so that caches match often.
+    openings = [list(range(1000 * i, 1000 * i + 30)) for i in range(1, 4)]
+    requests = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 30),
+                st.sampled_from(["key:1", "key:2", "anonymous"]),
+                st.sampled_from(openings),
+                st.lists(st.integers(1, 5), max_size=6),
+            ),
+            min_size=1,
+            max_size=10,
+        )
+    )
+    return cfg, [(t, scope, [*opening, *tail]) for t, scope, opening, tail in sorted(requests)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(scoped_workloads())
+def test_random_workloads_never_reuse_another_scopes_tokens(
+    case: tuple[SchedulerConfig, list[tuple[int, str, list[int]]]],
+) -> None:
+    cfg, requests = case
+    sched = Scheduler(cfg)
+    seqs = [_prompted(tokens, f"r{i}", scope) for i, (_, scope, tokens) in enumerate(requests)]
+    admitted: list[Sequence] = []
+    step = 0
+    while step <= 30 or sched.has_work():
+        assert step < 5000, "the scheduler stopped making progress"
+        for seq, (t, _, _) in zip(seqs, requests, strict=True):
+            if t == step:
+                sched.add(seq)
+        waiting = set(sched.waiting)
+        plan = sched.schedule()
+        for seq in sched.running:
+            if seq in waiting:  # admitted (or readmitted) in this step
+                # Whatever KV it starts with, a sequence of its own scope computed.
+                own = [
+                    common_prefix_length(other.tokens, seq.tokens)
+                    for other in admitted
+                    if other is not seq and other.request.cache_scope == seq.request.cache_scope
+                ]
+                assert seq.num_computed <= max(own, default=0), (seq.request_id, own)
+                if seq not in admitted:
+                    admitted.append(seq)
+        sampled = {c.seq: 7 for c in plan.chunks if c.completes}
+        sched.update(plan, sampled)
+        for seq in sampled:
+            if seq.num_generated >= 3:
+                sched.finish(seq, FinishReason.LENGTH)
+        step += 1
+    assert all(seq.status is SeqStatus.FINISHED for seq in seqs)

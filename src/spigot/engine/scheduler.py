@@ -25,6 +25,14 @@ stays). An evicted cache is first saved to host memory (``SavedPrefixes``,
 within ``saved_prefix_tokens``); a prompt that matches a saved prefix better
 than any slot has it copied back into its slot instead of computing it.
 
+Both tiers are partitioned by cache scope (``GenRequest.cache_scope``: one API
+key, unless the engine is told to share): a prompt reuses only prefixes
+computed under its own scope. Otherwise ``cached_tokens`` and the time to
+first token would tell one tenant whether another just sent the same prefix,
+enough to recover another key's system prompt token by token. A slot caching
+another scope's prefix is never matched, but is evicted or taken over like
+any other cache when room is needed.
+
 The scheduler only decides: KV edits and copies are queued as ``KvOp``s for
 the engine to apply before the step's decode. ``update`` then records what a
 step produced. No llama.cpp in here: tests
@@ -170,6 +178,7 @@ class Slot:
     id: int
     cached: list[int] = field(default_factory=list)
     cached_prompt: int = 0  # how many of the cached tokens were its sequence's prompt
+    scope: str = ""  # the cache scope the cached tokens were computed under
     freed_at: int = 0  # step counter when it became free, for LRU eviction
 
 
@@ -228,6 +237,7 @@ class Scheduler:
                 # The slot keeps the sequence's KV (prompt and output) for reuse.
                 slot.cached = seq.tokens[: seq.num_computed]
                 slot.cached_prompt = seq.num_prompt
+                slot.scope = seq.request.cache_scope
             else:
                 self._kv_ops.append(DropKV(slot.id))
             self._release(slot)
@@ -264,7 +274,7 @@ class Scheduler:
         double what a saved prefix takes for less reuse."""
         prompt = min(len(slot.cached), slot.cached_prompt)
         if self.saved.capacity_tokens and prompt - keep >= MIN_SAVED_TOKENS:
-            entry, dropped = self.saved.add(slot.cached[:prompt])
+            entry, dropped = self.saved.add(slot.cached[:prompt], slot.scope)
             self._kv_ops.extend(ForgetKV(e.id) for e in dropped)
             if entry is not None:
                 if prompt < len(slot.cached):
@@ -370,12 +380,13 @@ class Scheduler:
         slot.freed_at = self._clock
         self._free.append(slot)
 
-    def _best_slot(self, tokens: list[int]) -> tuple[Slot, int, SavedPrefix | None]:
+    def _best_slot(self, tokens: list[int], scope: str) -> tuple[Slot, int, SavedPrefix | None]:
         """The free slot to use, how many of ``tokens`` it will hold, and the
         saved prefix to copy into it first (None: use what the slot caches).
 
-        The slot sharing the longest prefix wins, unless a saved prefix shares
-        a longer one. Without a useful match, an empty slot is taken while the
+        Only caches of ``scope`` are matched. The slot sharing the longest
+        prefix wins, unless a saved prefix shares a longer one. Without a
+        useful match, an empty slot is taken while the
         cached prefixes stay within ``prefix_cache_tokens``; beyond that the
         least recently freed cache is replaced. Cached KV is not free: every
         decode step attends over the whole used pool, so caches kept for
@@ -383,6 +394,8 @@ class Scheduler:
         """
         best, best_len = None, 0
         for slot in self._free:
+            if slot.scope != scope:
+                continue  # never reused, but may be evicted as the fallback below
             n = common_prefix_length(slot.cached, tokens)
             if n > best_len:
                 best, best_len = slot, n
@@ -396,7 +409,7 @@ class Scheduler:
         # At least one prompt token must be computed, for the logits to sample from.
         limit = len(tokens) - 1
         if self.saved.capacity_tokens:
-            saved, saved_len = self.saved.longest_match(tokens)
+            saved, saved_len = self.saved.longest_match(tokens, scope)
             if saved is not None and min(saved_len, limit) >= best_len + MIN_SAVED_TOKENS:
                 return fallback, min(saved_len, limit), saved
         # A match that would throw most of a cache away is not worth it while
@@ -411,7 +424,7 @@ class Scheduler:
         used = sum(len(s.tokens) + 1 for s in self.running) + self.kv_cached()
         while self.waiting and self._free:
             seq = self.waiting[0]
-            slot, reuse, saved = self._best_slot(seq.tokens)
+            slot, reuse, saved = self._best_slot(seq.tokens, seq.request.cache_scope)
             # A saved prefix is copied in whole, then cut to what is reused.
             needed = max(len(seq.tokens) + 1, len(saved.tokens) if saved else 0)
             used_after = used - len(slot.cached) + needed

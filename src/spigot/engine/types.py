@@ -46,6 +46,9 @@ class GenRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     choice_index: int = 0
+    # Prefixes are reused only between requests of the same scope (one API key):
+    # a cached prefix must not tell one tenant what another sent.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)
