@@ -34,7 +34,7 @@ from spigot.metering import (
 from spigot.metering.db import is_postgres_url, sqlite_path
 from spigot.metering.durations import parse_expiry, parse_since
 from spigot.metering.records import UsageBy
-from spigot.metering.store import Unset
+from spigot.metering.store import MAX_BIGINT, Unset
 from spigot.metering.views import USAGE_COUNTS, key_dict, key_status, since_day, usage_dict
 
 T = TypeVar("T")
@@ -161,12 +161,16 @@ def given(value: T | Unset | None) -> T | None:
 
 
 def positive_int(text: str) -> int:
+    """A limit: a whole number that a BIGINT column holds (a database overflow would
+    otherwise end the command in a driver's traceback)."""
     try:
         number = int(text.strip())
     except ValueError:
         number = 0
     if number < 1:
         raise ValueError(f"expected a whole number >= 1, got {text!r}")
+    if number > MAX_BIGINT:
+        raise ValueError(f"expected a whole number at most {MAX_BIGINT}, got {text!r}")
     return number
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spigot.engine.llamacpp import Batch
+from spigot.engine.prompt_tokens import SpecialToken
 from spigot.engine.types import SamplingParams
 
 EOS = 0
@@ -68,6 +69,8 @@ class FakeModel:
         self.eog_ids = frozenset({EOS})
         self.bos_id = -1
         self.eos_id = EOS
+        self.add_bos = False
+        self.add_eos = False
         self.batch = Batch(64)
 
     def metadata(self, key: str) -> str | None:
@@ -75,6 +78,9 @@ class FakeModel:
 
     def token_text(self, token: int) -> str:
         return PIECES[token].decode(errors="replace")
+
+    def special_tokens(self) -> list[SpecialToken]:
+        return []
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         return [token_of(c) if c in LETTERS else token_of(" ") for c in text]

@@ -15,6 +15,8 @@ from starlette.exceptions import HTTPException
 
 from spigot.api import admin
 from spigot.api.app import RequestIdMiddleware, _http_error, _spigot_error
+from spigot.api.prep import PrepPool
+from spigot.api.state import RequestLimits
 from spigot.errors import SpigotError
 from spigot.metering import (
     LedgerEntry,
@@ -32,9 +34,13 @@ pg_database = metering_db.pg_database
 pg_server = metering_db.pg_server
 
 
+PREP = PrepPool(1)
+
+
 def make_app(metering: Any) -> FastAPI:
     app = FastAPI()
-    app.state.spigot = SimpleNamespace(metering=metering)
+    # What parse_body reads from the server state besides metering.
+    app.state.spigot = SimpleNamespace(metering=metering, limits=RequestLimits(), prep=PREP)
     app.include_router(admin.router)
     app.add_exception_handler(SpigotError, _spigot_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -260,6 +266,20 @@ BAD_CREATES: list[tuple[Any, str | None, str]] = [
     ),
     ({"name": "x", "admin": "yes"}, "admin", "Invalid value for 'admin'"),
     ([{"name": "x"}], None, "must be a JSON object"),
+    # Past what the database's BIGINT columns hold: a 400 naming the field, never a 500.
+    ({"name": "x", "rpm": 2**63}, "rpm", "less than or equal to 9223372036854775807"),
+    ({"name": "x", "tpm": 2**64 - 1}, "tpm", "less than or equal to 9223372036854775807"),
+    ({"name": "x", "max_concurrent": 2**63}, "max_concurrent", "less than or equal to"),
+    ({"name": "x", "rpm": 10**30}, "rpm", "Invalid value for 'rpm'"),
+    ({"name": "x", "budget_usd": 1e300}, "budget_usd", "at most 9223372.036854775807"),
+    ({"name": "x", "budget_usd": 10**30}, "budget_usd", "at most 9223372.036854775807"),
+    ({"name": "x", "budget_usd": 2**63}, "budget_usd", "at most 9223372.036854775807"),
+    ({"name": "x", "budget_usd": "1e999999999"}, "budget_usd", "at most 9223372.03685477"),
+    ({"name": "x", "budget_usd": "9223372.036854775808"}, "budget_usd", "at most"),
+    ({"name": "x", "budget_usd": "NaN"}, "budget_usd", "must be finite"),
+    ({"name": "x", "budget_usd": "-inf"}, "budget_usd", "must be finite"),
+    ({"name": "x", "budget_usd": "-5"}, "budget_usd", "must not be negative"),
+    ({"name": "x", "expires_in": "99999999999d"}, "expires_in", "at most 36525d"),
 ]
 
 
@@ -279,6 +299,29 @@ async def test_a_body_that_is_not_json(api: httpx.AsyncClient) -> None:
         assert "could not parse the JSON body" in error_of(response, 400)["message"]
         response = await api.patch("/admin/keys/root", content=content)
         assert error_of(response, 400)["param"] is None
+
+
+async def test_money_and_limits_at_the_edges_of_a_bigint(
+    api: httpx.AsyncClient, store: Store
+) -> None:
+    for number in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
+        body = b'{"name": "x", "budget_usd": ' + number + b', "rpm": ' + number + b"}"
+        error = error_of(await api.post("/admin/keys", content=body), 400)
+        assert error["type"] == "invalid_request_error"
+        error = error_of(await api.patch("/admin/keys/root", content=body), 400)
+    biggest = await api.post(
+        "/admin/keys", json={"name": "max", "budget_usd": "9223372.036854775807", "rpm": 2**63 - 1}
+    )
+    assert biggest.status_code == 201, biggest.text
+    assert biggest.json()["budget_usd"] == "9223372.036854775807"
+    # One pico-dollar more, one request more: 400s naming the field (they were 500s).
+    over = await api.post(
+        "/admin/keys", json={"name": "over", "budget_usd": "9223372.036854775808"}
+    )
+    assert error_of(over, 400)["param"] == "budget_usd"
+    over = await api.patch("/admin/keys/max", json={"rpm": 2**63})
+    assert error_of(over, 400)["param"] == "rpm"
+    assert [k.name for k in store.list_keys()] == ["root", "max"]
 
 
 async def test_get_by_id_or_name(api: httpx.AsyncClient) -> None:
@@ -337,6 +380,11 @@ async def test_patch_errors(api: httpx.AsyncClient, store: Store) -> None:
         ("ci", {"rpm": 0}, 400, "rpm", "greater than or equal to 1"),
         ("ci", {"secret": "x"}, 400, "secret", "Extra inputs"),
         ("ci", {"expires_in": "soon"}, 400, "expires_in", "expected a duration"),
+        ("ci", {"rpm": 2**63}, 400, "rpm", "less than or equal to"),
+        ("ci", {"tpm": 2**63}, 400, "tpm", "less than or equal to"),
+        ("ci", {"budget_usd": 1e300}, 400, "budget_usd", "at most 9223372.036854775807"),
+        ("ci", {"budget_usd": "1e20"}, 400, "budget_usd", "at most 9223372.036854775807"),
+        ("ci", {"expires_in": "99999999999w"}, 400, "expires_in", "at most 36525d"),
     ]
     for target, body, status, param, message in cases:
         error = error_of(await api.patch(f"/admin/keys/{target}", json=body), status)

@@ -126,6 +126,14 @@ def test_db_from_the_environment(tmp_path: Path) -> None:
         (["--name", "x", "--tpm", "1.5"], "--tpm: expected a whole number >= 1"),
         (["--name", "x", "--max-concurrent", "none"], "--max-concurrent: expected a whole"),
         (["--name", "x", "--models", " , "], "--models: expected model names separated by"),
+        # Past what the database's BIGINT columns hold: a clear error, not a traceback.
+        (["--name", "x", "--rpm", "1" + "0" * 30], "--rpm: expected a whole number at most 9"),
+        (["--name", "x", "--tpm", str(2**63)], "--tpm: expected a whole number at most"),
+        (["--name", "x", "--max-concurrent", str(2**63)], "--max-concurrent: expected a whole"),
+        (["--name", "x", "--budget-usd", "1e300"], "--budget-usd: amount (USD) must be at most"),
+        (["--name", "x", "--budget-usd", "1e999999999"], "must be at most 9223372.036854775807"),
+        (["--name", "x", "--budget-usd", "inf"], "--budget-usd: amount must be finite"),
+        (["--name", "x", "--expires", "99999999999d"], "--expires: a duration must be at most"),
     ],
 )
 def test_create_refuses_bad_values(
@@ -261,6 +269,9 @@ def test_update_sets_and_clears_limits(db_url: str, store: Store) -> None:
         (["ci", "--expires", "yesterday"], "--expires: expected a duration"),
         (["ci", "--budget-usd", "1,5"], "--budget-usd: amount is not a number"),
         (["ci", "--name", "123"], "a key name cannot be only digits"),
+        (["ci", "--rpm", str(2**63)], "--rpm: expected a whole number at most 92233720368547758"),
+        (["ci", "--budget-usd", "1e20"], "--budget-usd: amount (USD) must be at most"),
+        (["ci", "--expires", "99999999999d"], "--expires: a duration must be at most 36525d"),
     ],
 )
 def test_update_errors(db_url: str, store: Store, args: list[str], message: str) -> None:

@@ -48,6 +48,7 @@ from spigot.metering import (
 )
 from spigot.metering.durations import parse_duration, parse_instant, parse_since
 from spigot.metering.records import UsageBy, utcnow
+from spigot.metering.store import MAX_BIGINT
 from spigot.metering.views import key_dict, usage_dict
 
 router = APIRouter(prefix="/admin")
@@ -57,10 +58,12 @@ T = TypeVar("T")
 
 USAGE_BY: dict[str, UsageBy] = {"key": "key", "model": "model", "day": "day"}
 
-Count = Annotated[int, Field(ge=1)]
+# Limits are BIGINT columns: a larger number is a 400 naming the field, not a database error.
+Count = Annotated[int, Field(ge=1, le=MAX_BIGINT)]
 ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 # A JSON number is a double by the time it is parsed; its shortest repr ("12.5") is what the
-# client wrote, so it is read through str() and kept exact. Strings are preferred.
+# client wrote, so it is read through str() and kept exact. Strings are preferred. parse_usd
+# refuses what a BIGINT of pico-USD cannot hold (about USD 9.2 million).
 Money = str | int | float
 
 
@@ -99,6 +102,10 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise InvalidRequest(
             f"An API key named {exc.name!r} already exists.", param="name", code="duplicate_name"
         ) from None
+    except ValueError as exc:
+        # The store's own checks, should a value get past the ones made here: a refusal,
+        # never a 500.
+        raise InvalidRequest(f"Invalid request: {exc}.") from None
     except StoreUnavailable:
         raise Overloaded(
             "The key store is unavailable; try again shortly.",

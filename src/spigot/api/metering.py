@@ -1,15 +1,21 @@
 """API keys, admission and the usage ledger in the request path.
 
     authenticate  Authorization: Bearer <key>  -> the key, or 401
-    admit         model allowed (403), then one store transaction: concurrency,
-                  requests and tokens per minute (429 rate_limit_exceeded), budget
-                  (429 insufficient_quota); reserves the request's worst-case cost
+    admit         phase 1, before any work on the prompt: model allowed (403), then
+                  one store transaction: concurrency counting every sequence (n),
+                  requests per minute (429 rate_limit_exceeded); holds a reservation
+    reserve       phase 2, once the prompt is tokenized: tokens per minute (429),
+                  budget (429 insufficient_quota) for the exact prompt plus the
+                  output cap; reserves the request's worst-case cost
+    checkpoint    while it runs: counts so far on the reservation, billed as
+                  "interrupted" if the server dies before settling
     settle        one ledger row with the exact counts and cost, the reservation
                   released, committed before the stream's usage chunk and [DONE]
 
-Keys are needed once any key exists in the store (or with --require-auth);
-until then requests run without one and are metered under no key. The store
-is synchronous; every call runs in a worker thread.
+Keys are needed once any key was ever made in the store, revoked or expired
+ones included (or always, with --require-auth); until then requests run
+without one and are metered under no key. The store is synchronous; every call
+runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from spigot.api.keyless import check_keyless
 from spigot.errors import AuthenticationFailed, PermissionDenied, QuotaExceeded, RateLimited
-from spigot.metering import Admission, ApiKey, LedgerEntry, Store, cost
+from spigot.metering import Admission, ApiKey, LedgerEntry, Store, StoreError, cost
+from spigot.metering.money import MAX_PUSD
 from spigot.metering.prices import PriceTable
 
 log = logging.getLogger("spigot.metering")
@@ -35,10 +43,12 @@ KEYS_EXIST_TTL = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """What admission granted one request; its headers go on the response."""
+    """What admission granted one request; its headers go on the response (phase 2
+    replaces phase 1's with the full set)."""
 
     key: ApiKey
     headers: dict[str, str]
+    request_id: str
 
 
 class Metering:
@@ -53,7 +63,10 @@ class Metering:
             return True
         known, checked = self._keys_exist
         if known or time.monotonic() - checked < KEYS_EXIST_TTL:
-            return known  # once keys exist, auth stays on (a revoked last key included)
+            # Once true, true for good: keys are never deleted, and the store says true
+            # for a database that ever had one, so a revoked last key keeps auth on here
+            # and after a restart alike.
+            return known
         known = await asyncio.to_thread(self.store.has_keys)
         self._keys_exist = (known, time.monotonic())
         return known
@@ -90,10 +103,12 @@ class Metering:
         *,
         request_id: str,
         model: str,
-        prompt_tokens: int,
-        max_completion_tokens: int,
+        sequences: int = 1,
+        endpoint: str | None = None,
     ) -> Reservation | None:
-        """Reserve the request's worst case (no cached tokens, every output token) or refuse."""
+        """Phase 1, before any work on the prompt: the key may use the model, has room for
+        ``sequences`` more in flight and a request left this minute; or refuse. Nothing is
+        reserved from the budget yet (``reserve`` does that)."""
         if key is None:
             return None
         if not key.allows_model(model):
@@ -102,18 +117,73 @@ class Metering:
                 param="model",
                 code="model_not_allowed",
             )
-        worst = cost(self.prices.for_model(model), prompt_tokens, 0, max_completion_tokens)
         admission = await asyncio.to_thread(
             self.store.admit,
             key,
             request_id=request_id,
-            reserve_pusd=worst,
-            tokens=prompt_tokens + max_completion_tokens,
+            sequences=sequences,
+            model=model,
+            endpoint=endpoint,
         )
         headers = rate_limit_headers(admission)
         if not admission.ok:
-            raise _refusal(admission, headers, max_completion_tokens)
-        return Reservation(key, headers)
+            raise _refusal(admission, headers, sequences=sequences)
+        return Reservation(key, headers, request_id)
+
+    async def reserve(
+        self,
+        reservation: Reservation | None,
+        *,
+        model: str,
+        prompt_tokens: int,
+        max_completion_tokens: int,
+    ) -> None:
+        """Phase 2, with the exact prompt: reserve the request's worst case (every prompt
+        token at the higher of the prompt and cached prices, every output token) or refuse;
+        a refused request's reservation is gone. ``reservation.headers`` gets the
+        x-ratelimit-* headers either way."""
+        if reservation is None:
+            return
+        worst = self.prices.for_model(model).worst_case(prompt_tokens, max_completion_tokens)
+        admission = await asyncio.to_thread(
+            self.store.reserve,
+            reservation.request_id,
+            # No budget holds more: past it, the estimate only needs to be too large.
+            reserve_pusd=min(worst, MAX_PUSD),
+            tokens=prompt_tokens + max_completion_tokens,
+        )
+        headers = rate_limit_headers(admission)
+        reservation.headers.clear()
+        reservation.headers.update(headers)
+        if not admission.ok:
+            raise _refusal(admission, headers, max_tokens=max_completion_tokens)
+
+    async def checkpoint(
+        self,
+        request_id: str,
+        *,
+        model: str,
+        prompt_tokens: int,
+        cached_tokens: int,
+        completion_tokens: int,
+    ) -> bool:
+        """Keeps a running request's counts so far (and their cost at this server's prices)
+        on its reservation, so that a server killed before settling still bills them.
+        Best effort: a store that fails is logged, and the stream goes on. False when
+        nothing was recorded (no reservation: no key, or already settled)."""
+        spent = self.cost(model, prompt_tokens, cached_tokens, completion_tokens)
+        try:
+            return await asyncio.to_thread(
+                self.store.checkpoint,
+                request_id,
+                prompt_tokens=prompt_tokens,
+                cached_tokens=cached_tokens,
+                completion_tokens=completion_tokens,
+                cost_pusd=min(spent, MAX_PUSD),
+            )
+        except StoreError as exc:
+            log.warning("%s: checkpoint not recorded: %s", request_id, exc)
+            return False
 
     async def release(self, request_id: str) -> None:
         """A request admitted but never started (the queue was full)."""
@@ -139,16 +209,31 @@ def rate_limit_headers(admission: Admission) -> dict[str, str]:
     return headers
 
 
-def _refusal(admission: Admission, headers: dict[str, str], max_tokens: int) -> Exception:
+def _refusal(
+    admission: Admission,
+    headers: dict[str, str],
+    *,
+    max_tokens: int | None = None,
+    sequences: int = 1,
+) -> Exception:
     reason = admission.reason
     if reason == "revoked":
         return AuthenticationFailed("This API key has been revoked.")
     if reason == "expired":
         return AuthenticationFailed("This API key has expired.")
     if reason == "budget":
+        cap = "" if max_tokens is None else f" {max_tokens}"
         return QuotaExceeded(
-            "This API key's budget cannot cover this request (its prompt plus max_tokens "
-            f"{max_tokens} at the model's price). Lower max_tokens or raise the budget.",
+            "This API key's budget cannot cover this request (its prompt plus max_tokens"
+            f"{cap} at the model's price). Lower max_tokens or raise the budget.",
+            headers=headers,
+        )
+    if reason == "sequences":
+        # No Retry-After: however long the client waits, the request stays too large.
+        return RateLimited(
+            f"This request runs {sequences} sequences at once (n choices for each prompt), "
+            "more than this API key's max_concurrent allows; waiting will not help. Lower n.",
+            param="n",
             headers=headers,
         )
     if reason == "tpm" and admission.retry_after is None:
@@ -158,7 +243,8 @@ def _refusal(admission: Admission, headers: dict[str, str], max_tokens: int) -> 
             headers=headers,
         )
     messages = {
-        "concurrency": "Too many requests in flight for this API key.",
+        "concurrency": "Too many requests in flight for this API key (each of n choices "
+        "counts as one).",
         "rpm": "Rate limit reached for requests per minute on this API key.",
         "tpm": "Rate limit reached for tokens per minute (prompt plus max_tokens) on this API key.",
     }
@@ -170,11 +256,18 @@ def _refusal(admission: Admission, headers: dict[str, str], max_tokens: int) -> 
 
 
 async def authorize(request: Request) -> ApiKey | None:
-    """The request's API key (None when keys are off); 401 before anything else is read."""
-    metering: Metering | None = request.app.state.spigot.metering
-    if metering is None:
-        return None
-    return await metering.authenticate(request.headers.get("authorization"))
+    """The request's API key (None when keys are off); 401 before anything else is read.
+
+    Without keys, the checks that keep web pages out apply (``spigot.api.keyless``).
+    """
+    state = request.app.state.spigot
+    metering: Metering | None = state.metering
+    key = None
+    if metering is not None:
+        key = await metering.authenticate(request.headers.get("authorization"))
+    if key is None:
+        check_keyless(request, loopback_only=state.loopback_only)
+    return key
 
 
 async def admit(
@@ -182,15 +275,39 @@ async def admit(
     key: ApiKey | None,
     *,
     model: str,
-    prompt_tokens: int,
-    max_completion_tokens: int,
+    sequences: int,
+    endpoint: str | None = None,
 ) -> Reservation | None:
+    """Phase 1, before any work on the prompt; None when metering is off or there is no key
+    (then ``reserve`` and ``release`` do nothing). ``endpoint`` names the request in the
+    ledger row written should the server die before settling it."""
     metering: Metering | None = request.app.state.spigot.metering
     if metering is None:
         return None
     return await metering.admit(
         key,
         request_id=request.state.request_id,
+        model=model,
+        sequences=sequences,
+        endpoint=endpoint if endpoint is not None else request.url.path,
+    )
+
+
+async def reserve(
+    request: Request,
+    reservation: Reservation | None,
+    *,
+    model: str,
+    prompt_tokens: int,
+    max_completion_tokens: int,
+) -> None:
+    """Phase 2, once the prompt is tokenized: 429 (rate limit or budget) with the
+    reservation dropped, or ``reservation.headers`` updated with every x-ratelimit-*."""
+    metering: Metering | None = request.app.state.spigot.metering
+    if metering is None or reservation is None:
+        return
+    await metering.reserve(
+        reservation,
         model=model,
         prompt_tokens=prompt_tokens,
         max_completion_tokens=max_completion_tokens,

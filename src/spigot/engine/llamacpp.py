@@ -18,6 +18,7 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 
+from spigot.engine.prompt_tokens import SpecialToken
 from spigot.engine.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ def _init_backend() -> None:
             ll.llama_log_set(_forward_native_log, ctypes.c_void_p(0))
             ll.llama_backend_init()
             _backend_ready = True
+
+
+# Matched as special tokens only with parse_special (llama-vocab.cpp).
+_CONTROL = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
 class ModelLoadError(RuntimeError):
@@ -210,6 +215,7 @@ class LlamaCppModel:
             t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t)
         )
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self.add_eos = bool(ll.llama_vocab_get_add_eos(self.vocab))
         self.bos_id = int(ll.llama_vocab_bos(self.vocab))
         self.eos_id = int(ll.llama_vocab_eos(self.vocab))
 
@@ -230,7 +236,40 @@ class LlamaCppModel:
         """A token as text for display, special tokens included."""
         return self._piece(token, special=True).decode("utf-8", errors="replace")
 
+    def special_tokens(self) -> list[SpecialToken]:
+        """The tokens llama.cpp matches as whole texts before it tokenizes the rest.
+
+        The same set as llama.cpp's own (control, user-defined and unknown
+        tokens), with their raw texts.
+        """
+        found = []
+        for token in range(self.n_vocab):
+            attr = ll.llama_vocab_get_attr(self.vocab, token)
+            if not attr & (_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED):
+                continue
+            raw = ll.llama_vocab_get_text(self.vocab, token) or b""
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # cannot occur in a str prompt
+            if text:
+                found.append(
+                    SpecialToken(
+                        token,
+                        text,
+                        control=bool(attr & _CONTROL),
+                        lstrip=bool(attr & ll.LLAMA_TOKEN_ATTR_LSTRIP),
+                        rstrip=bool(attr & ll.LLAMA_TOKEN_ATTR_RSTRIP),
+                    )
+                )
+        return found
+
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """llama.cpp's tokenizer; any thread (it reads the vocabulary, the buffer is per call).
+
+        With ``parse_special`` it is quadratic in the number of special tokens
+        in ``text``: prompts go through ``PromptTokenizer`` instead.
+        """
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (ll.llama_token * cap)()

@@ -17,6 +17,7 @@ DURATION = re.compile(r"([0-9]+)\s*([smhdw])")
 # timedelta's own ceiling is 999,999,999 days; a century is far past any sane key lifetime
 # and keeps every ``now + duration`` inside datetime's range.
 MAX_DURATION = timedelta(days=36525)
+MAX_SECONDS = int(MAX_DURATION.total_seconds())
 FORMS = "a duration such as 30d, 12h, 90m (units s, m, h, d, w) or a date such as 2027-01-31"
 
 
@@ -25,12 +26,15 @@ def parse_duration(text: str) -> timedelta:
     match = DURATION.fullmatch(text.strip().lower())
     if match is None:
         raise ValueError(f"expected a duration such as 30d, 12h or 90m, got {text!r}")
-    span = timedelta(seconds=int(match[1]) * UNITS[match[2]])
-    if not span:
+    # Compared as a number of seconds: timedelta itself overflows on "99999999999d" (and
+    # int() refuses thousands of digits with a message of its own).
+    digits = match[1].lstrip("0") or "0"
+    seconds = int(digits) * UNITS[match[2]] if len(digits) <= 12 else MAX_SECONDS + 1
+    if not seconds:
         raise ValueError(f"a duration must be longer than zero, got {text!r}")
-    if span > MAX_DURATION:
+    if seconds > MAX_SECONDS:
         raise ValueError(f"a duration must be at most 36525d (a century), got {text!r}")
-    return span
+    return timedelta(seconds=seconds)
 
 
 def parse_instant(text: str) -> datetime:

@@ -25,6 +25,14 @@ class DuplicateRequest(StoreError):
         self.request_id = request_id
 
 
+class ReservationNotFound(StoreError, LookupError):
+    """Phase 2 for a request that holds no reservation (never admitted, or already ended)."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id!r} holds no reservation")
+        self.request_id = request_id
+
+
 class SchemaTooNew(StoreError):
     """The database was migrated by a newer spigot; this one must not write to it."""
 

@@ -119,6 +119,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX usage_daily_key ON usage_daily (key_id, day)",
         ),
     ),
+    Migration(
+        2,
+        "sequences per reservation, two-phase admission, checkpointed progress",
+        sql=(
+            # A request with n choices runs n sequences: concurrency counts SUM(sequences).
+            "ALTER TABLE reservations ADD COLUMN sequences BIGINT NOT NULL DEFAULT 1",
+            # Phase 2 (reserve) may fall in a later minute than phase 1 (admit): the minute
+            # the estimated tokens were counted in, corrected when the request settles.
+            "ALTER TABLE reservations ADD COLUMN reserved_at DOUBLE PRECISION",
+            # What the request is, so that a reservation orphaned by a killed server can
+            # still become a ledger row.
+            "ALTER TABLE reservations ADD COLUMN model TEXT",
+            "ALTER TABLE reservations ADD COLUMN endpoint TEXT",
+            # Progress checkpointed while it runs: what an interrupted request is billed.
+            # checkpointed_at doubles as a heartbeat: a reservation is stale only when
+            # neither it was made nor checkpointed within stale_after.
+            "ALTER TABLE reservations ADD COLUMN prompt_tokens BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE reservations ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE reservations ADD COLUMN completion_tokens BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE reservations ADD COLUMN cost_pusd BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE reservations ADD COLUMN checkpointed_at DOUBLE PRECISION",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -2,7 +2,8 @@
 
 A price of USD 0.000001 per million tokens is one pico-USD per token, so every price quoted
 with at most six decimals per million tokens is a whole number of pico-USD per token and every
-cost is exact. A signed 64-bit column holds about USD 9.2 million.
+cost is exact. A signed 64-bit column holds about USD 9.2 million: amounts above that are
+refused when they are read (``parse_usd``), never left to overflow a database column.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ PICO_PER_USD = 10**12
 PICO_PER_USD_PER_MILLION = 10**6  # USD per million tokens -> pico-USD per token
 MAX_PRICE_DECIMALS = 6
 MAX_USD_DECIMALS = 12
+MAX_PUSD = 2**63 - 1  # a BIGINT column: budgets and spending in pico-USD
+# USD 1 per token. Far above any real price, and low enough that a whole context of tokens
+# at this price still fits a BIGINT (9.2 million tokens).
+MAX_PRICE_PER_MILLION = 1_000_000
 
 DecimalLike = str | int | Decimal
 
@@ -31,6 +36,12 @@ def _decimal(value: DecimalLike, what: str) -> Decimal:
     if number < 0:
         raise ValueError(f"{what} must not be negative: {value!r}")
     return number
+
+
+def _at_most(number: Decimal, limit: Decimal, what: str, value: object) -> None:
+    # Checked before scaling to an int: "1e999999999" must not build a billion-digit number.
+    if number > limit:
+        raise ValueError(f"{what} must be at most {limit}: {value!r}")
 
 
 def _exact_int(number: Decimal, scale: int, decimals: int, what: str, value: object) -> int:
@@ -67,6 +78,7 @@ class Price:
 
         def convert(value: DecimalLike, what: str) -> int:
             number = _decimal(value, what)
+            _at_most(number, Decimal(MAX_PRICE_PER_MILLION), f"{what} (USD per million)", value)
             return _exact_int(number, MAX_PRICE_DECIMALS, MAX_PRICE_DECIMALS, what, value)
 
         prompt_pico = convert(prompt, "prompt price")
@@ -75,6 +87,14 @@ class Price:
             cached=prompt_pico if cached is None else convert(cached, "cached price"),
             completion=convert(completion, "completion price"),
         )
+
+    def worst_case(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """The most a request can cost before its cached part is known: every prompt token at
+        the higher of the prompt and cached prices (a table that prices cached tokens higher
+        is refused at load; this keeps the bound even so), every completion token produced."""
+        if min(prompt_tokens, completion_tokens) < 0:
+            raise ValueError("token counts must not be negative")
+        return prompt_tokens * max(self.prompt, self.cached) + completion_tokens * self.completion
 
 
 FREE = Price(0, 0, 0)
@@ -105,4 +125,5 @@ def parse_usd(text: DecimalLike) -> int:
     if isinstance(text, str):
         text = text.strip().removeprefix("$")
     number = _decimal(text, "amount")
+    _at_most(number, usd(MAX_PUSD), "amount (USD)", text)
     return _exact_int(number, MAX_USD_DECIMALS, MAX_USD_DECIMALS, "amount", text)

@@ -11,7 +11,9 @@ prompt = "0.20"
 completion = "0.80"
 ```
 Prices are strings (or integers) so that they are exact; a model with no
-price costs nothing.
+price costs nothing. A cached price above the prompt price is refused: admission
+reserves a request's worst case before it knows how much of the prompt is cached,
+and that bound holds only while a cached token costs no more than an uncached one.
 """
 
 from __future__ import annotations
@@ -78,4 +80,11 @@ class PriceTable:
                 )
             except (TypeError, ValueError) as exc:
                 raise PriceError(f"{source}: prices for {model!r}: {exc}") from None
+            price = prices[model]
+            if price.cached > price.prompt:
+                raise PriceError(
+                    f"{source}: prices for {model!r}: the cached price ({entry['cached']}) is "
+                    f"above the prompt price ({entry['prompt']}); cached prompt tokens must "
+                    "cost at most what uncached ones do"
+                )
         return cls(prices)

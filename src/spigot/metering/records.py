@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-Reason = Literal["revoked", "expired", "concurrency", "rpm", "tpm", "budget"]
+# "sequences": the request alone runs more sequences (n) than the key's max_concurrent.
+Reason = Literal["revoked", "expired", "sequences", "concurrency", "rpm", "tpm", "budget"]
 UsageBy = Literal["key", "model", "day"]
 
 
@@ -80,7 +81,8 @@ class Admission:
     """The answer to "may this request start?", with what the x-ratelimit-* headers need.
 
     ``retry_after`` is the seconds to the end of the rate window when waiting helps (rpm, tpm);
-    None otherwise (concurrency, budget, or a request larger than the whole tpm limit).
+    None otherwise (concurrency, budget, or a request larger than the whole tpm limit or
+    running more sequences than max_concurrent: waiting never helps those).
     ``reset_*`` are seconds to the end of the current window. ``remaining_*`` count this
     request when it was admitted. Each trio is None when the key has no such limit.
     """
@@ -100,7 +102,9 @@ class Admission:
 class LedgerEntry:
     """One finished request, however it ended. ``key_id`` is None when auth is off.
 
-    ``created_at`` is when the request ended: it picks the usage day.
+    ``created_at`` is when the request ended: it picks the usage day. ``status``
+    "interrupted" is written by the store itself for a request whose server died: it bills
+    the request's last checkpoint, and a settle that comes later replaces it.
     """
 
     request_id: str
@@ -114,7 +118,7 @@ class LedgerEntry:
     ttft_ms: int | None = None
     duration_ms: int
     finish_reason: str | None = None
-    status: str = "ok"  # ok | disconnected | error
+    status: str = "ok"  # ok | disconnected | error | interrupted
     created_at: datetime = field(default_factory=utcnow)
 
 
