@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -138,6 +138,24 @@ def main() -> None:
     "the same way copies its KV back instead of computing it. 0 turns it off.",
 )
 @click.option(
+    "--prefix-cache-scope",
+    default="key",
+    type=click.Choice(["key", "shared"]),
+    envvar="SPIGOT_PREFIX_CACHE_SCOPE",
+    show_default=True,
+    help="key: a request reuses only prefixes sent with its own API key (keyless requests "
+    "share one scope), so cached_tokens and time to first token reveal nothing about "
+    "other keys' prompts. shared: reuse across keys, for single-tenant deployments.",
+)
+@click.option(
+    "--special-tokens-in-content",
+    is_flag=True,
+    envvar="SPIGOT_SPECIAL_TOKENS_IN_CONTENT",
+    help="Let special-token text in chat messages ('<|im_end|>') become special tokens. "
+    "Off: it is plain text, so a user cannot forge system or assistant turns. Only for "
+    "trusted clients.",
+)
+@click.option(
     "--guard",
     "guard_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -175,6 +193,106 @@ def main() -> None:
     envvar="SPIGOT_REQUIRE_AUTH",
     help="Refuse requests without a valid key even before any key exists.",
 )
+@click.option(
+    "--max-body-size",
+    default=8,
+    type=click.IntRange(1, 1024),
+    envvar="SPIGOT_MAX_BODY_SIZE",
+    show_default=True,
+    metavar="MIB",
+    help="Largest request body read; larger ones get 413 before the rest arrives.",
+)
+@click.option(
+    "--max-messages",
+    default=2048,
+    type=click.IntRange(1),
+    envvar="SPIGOT_MAX_MESSAGES",
+    show_default=True,
+    help="Most messages in one chat request.",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    envvar="SPIGOT_CORS_ORIGIN",
+    metavar="ORIGIN",
+    help="A browser origin (https://app.example) allowed to call the API (repeatable; "
+    "'*' for any). Default: none, browsers on other origins cannot read responses.",
+)
+@click.option(
+    "--shutdown-grace",
+    default=30.0,
+    type=click.FloatRange(0),
+    envvar="SPIGOT_SHUTDOWN_GRACE",
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGTERM, running streams get this long to finish; then each ends with an error "
+    "event and is billed for what it used, and the server exits.",
+)
+@click.option(
+    "--on-disconnect",
+    default="cancel",
+    envvar="SPIGOT_ON_DISCONNECT",
+    show_default=True,
+    metavar="cancel|detach=SECONDS",
+    help="When a streaming client vanishes: cancel its generation, or keep it running for "
+    "SECONDS so the same key can resume it with Last-Event-ID (docs/resume.md).",
+)
+@click.option(
+    "--redis",
+    "redis_url",
+    default=None,
+    envvar="SPIGOT_REDIS",
+    metavar="redis://HOST:PORT/DB",
+    help="Keep resumable streams' events in Redis, so a client may resume on any replica. "
+    "Default: in this process's memory.",
+)
+@click.option(
+    "--max-connections",
+    default=1000,
+    type=click.IntRange(1),
+    envvar="SPIGOT_MAX_CONNECTIONS",
+    show_default=True,
+    help="Open client connections; beyond it new ones get 503 at once and are closed. "
+    "Kept below the open-file limit (raised to its hard limit at startup).",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    type=click.FloatRange(0, min_open=True),
+    envvar="SPIGOT_HEADER_TIMEOUT",
+    show_default=True,
+    metavar="SECONDS",
+    help="A request's whole head must arrive within this of connecting or of the previous "
+    "response (slowloris); else 408 and closed.",
+)
+@click.option(
+    "--idle-timeout",
+    default=5.0,
+    type=click.FloatRange(0, min_open=True),
+    envvar="SPIGOT_IDLE_TIMEOUT",
+    show_default=True,
+    metavar="SECONDS",
+    help="A connection silent this long, after connecting or after a response, is closed.",
+)
+@click.option(
+    "--body-timeout",
+    default=30.0,
+    type=click.FloatRange(0, min_open=True),
+    envvar="SPIGOT_BODY_TIMEOUT",
+    show_default=True,
+    metavar="SECONDS",
+    help="A request's whole body must arrive within this of its head; else 408 and closed.",
+)
+@click.option(
+    "--max-header-size",
+    default=32,
+    type=click.IntRange(1, 1024),
+    envvar="SPIGOT_MAX_HEADER_SIZE",
+    show_default=True,
+    metavar="KIB",
+    help="Largest request line and headers together; larger ones get 431.",
+)
 @click.option("--log-level", default="info", envvar="SPIGOT_LOG_LEVEL", show_default=True)
 @click.option(
     "--verbose-llama", is_flag=True, envvar="SPIGOT_VERBOSE_LLAMA", help="Show llama.cpp logs."
@@ -196,11 +314,24 @@ def serve(
     prefix_cache: bool,
     prefix_cache_tokens: int,
     prefix_cache_ram: int,
+    prefix_cache_scope: Literal["key", "shared"],
+    special_tokens_in_content: bool,
     guard_file: Path | None,
     db: str,
     metering: bool,
     prices_file: Path | None,
     require_auth: bool,
+    max_body_size: int,
+    max_messages: int,
+    cors_origins: tuple[str, ...],
+    shutdown_grace: float,
+    on_disconnect: str,
+    redis_url: str | None,
+    max_connections: int,
+    header_timeout: float,
+    idle_timeout: float,
+    body_timeout: float,
+    max_header_size: int,
     log_level: str,
     verbose_llama: bool,
 ) -> None:
@@ -234,7 +365,25 @@ def serve(
         aliases.append((pattern, target))
     if require_auth and not metering:
         raise click.UsageError("--require-auth needs metering (keys live in --db)")
+    detach_seconds = _parse_on_disconnect(on_disconnect)
+    if redis_url is not None and detach_seconds is None:
+        raise click.UsageError("--redis holds resumable streams: it needs --on-disconnect detach=N")
+    from spigot.http_limits import ConnectionLimits
+
     settings = Settings(
+        connections=ConnectionLimits(
+            max_connections=max_connections,
+            header_timeout=header_timeout,
+            idle_timeout=idle_timeout,
+            body_timeout=body_timeout,
+            max_header_bytes=max_header_size * 1024,
+        ),
+        max_body_bytes=max_body_size * 2**20,
+        max_messages=max_messages,
+        cors_origins=cors_origins,
+        shutdown_grace=shutdown_grace,
+        detach_seconds=detach_seconds,
+        redis_url=redis_url,
         guard=_load_policy(guard_file) if guard_file is not None else None,
         db=db if metering else None,
         prices=_load_prices(prices_file),
@@ -252,6 +401,8 @@ def serve(
             prefix_cache=prefix_cache,
             prefix_cache_tokens=prefix_cache_tokens,
             prefix_cache_ram_mb=prefix_cache_ram,
+            prefix_cache_scope=prefix_cache_scope,
+            special_tokens_in_content=special_tokens_in_content,
         ),
         host=host,
         port=port,
@@ -268,6 +419,23 @@ def serve(
         run(settings, verbose_llama=verbose_llama)
     except StoreError as exc:
         raise click.ClickException(f"--db: {exc}") from None
+
+
+def _parse_on_disconnect(value: str) -> float | None:
+    """``cancel`` -> None; ``detach=SECONDS`` -> SECONDS (0 < SECONDS <= 3600)."""
+    if value == "cancel":
+        return None
+    name, _, seconds = value.partition("=")
+    try:
+        detach = float(seconds)
+    except ValueError:
+        detach = -1.0
+    if name != "detach" or not 0 < detach <= 3600:
+        raise click.BadParameter(
+            f"{value!r}: expected 'cancel' or 'detach=SECONDS' (0 < SECONDS <= 3600)",
+            param_hint="--on-disconnect",
+        )
+    return detach
 
 
 def _load_prices(path: Path | None) -> Any:
@@ -306,12 +474,32 @@ def guard() -> None:
 
 @guard.command("check")
 @click.argument("policy_file", type=click.Path(dir_okay=False, path_type=Path))
-def guard_check(policy_file: Path) -> None:
-    """Load a policy and list its rules; exits 1 with the reason when it is invalid."""
-    policy = _load_policy(policy_file)
-    for rule in policy.rules:
+@click.option(
+    "--import-plugins",
+    is_flag=True,
+    help="Also import the policy's plug-ins (this runs their code, as serving does).",
+)
+def guard_check(policy_file: Path, import_plugins: bool) -> None:
+    """Check a policy and list its rules; exits 1 with the reason when it is invalid.
+
+    Plug-ins are named, not imported, unless --import-plugins says so: checking a
+    file must not run code from it.
+    """
+    from spigot.guard import PolicyError
+    from spigot.guard.policy import rules_from_file
+
+    if import_plugins:
+        rules = list(_load_policy(policy_file).rules)
+    else:
+        try:
+            rules = rules_from_file(policy_file)
+        except PolicyError as exc:
+            raise click.ClickException(str(exc)) from None
+    for rule in rules:
         click.echo(f"{rule.id}\t{rule.kind}\t{rule.action}\t{','.join(sorted(rule.applies_to))}")
-    click.echo(f"{policy_file}: {len(policy.rules)} rule(s), valid", err=True)
+    plugins = sum(rule.kind == "plugin" for rule in rules)
+    note = f" ({plugins} plug-in(s) not imported)" if plugins and not import_plugins else ""
+    click.echo(f"{policy_file}: {len(rules)} rule(s), valid{note}", err=True)
 
 
 @guard.command("test")

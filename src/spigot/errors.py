@@ -3,7 +3,11 @@
     SpigotError                      500 server_error
     ├── InvalidRequest               400 invalid_request_error
     │   ├── ContextLengthExceeded    400 invalid_request_error / context_length_exceeded
-    │   └── ContentFiltered          400 invalid_request_error / content_filter
+    │   ├── ContentFiltered          400 invalid_request_error / content_filter
+    │   ├── UnsupportedParameter     400 invalid_request_error / unsupported_parameter
+    │   ├── RequestTooLarge          413 invalid_request_error / request_too_large
+    │   ├── UnsupportedMediaType     415 invalid_request_error / unsupported_media_type
+    │   └── MisdirectedHost          421 invalid_request_error / invalid_host
     ├── AuthenticationFailed         401 invalid_request_error / invalid_api_key
     ├── PermissionDenied             403 permission_error
     ├── NotFound                     404 invalid_request_error
@@ -73,6 +77,29 @@ class ContentFiltered(InvalidRequest):
     default_code = "content_filter"
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A known OpenAI parameter this server does not honour (never silently ignored)."""
+
+    default_code = "unsupported_parameter"
+
+
+class RequestTooLarge(InvalidRequest):
+    status = 413
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+class MisdirectedHost(InvalidRequest):
+    """A keyless server on loopback answers only loopback host names (DNS rebinding)."""
+
+    status = 421
+    default_code = "invalid_host"
+
+
 class AuthenticationFailed(SpigotError):
     status = 401
     error_type = "invalid_request_error"
@@ -115,3 +142,9 @@ class Overloaded(SpigotError):
 
 class EngineFailure(SpigotError):
     """Generation failed after it started; sent in-band on a stream."""
+
+
+class ShuttingDown(Overloaded):
+    """The server is stopping: new work is refused, running streams end with this."""
+
+    default_code = "server_shutting_down"

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import uvicorn
 from fastapi import FastAPI
 
 from spigot.api.app import create_app
+from spigot.api.detach import Detached
+from spigot.api.keyless import is_loopback_host
 from spigot.api.metering import Metering
-from spigot.api.state import ServerState
+from spigot.api.shutdown import Shutdown
+from spigot.api.state import RequestLimits, ServerState
 from spigot.config import Settings
 from spigot.engine.async_engine import AsyncEngine
 from spigot.engine.llamacpp import set_native_logging
+from spigot.http_limits import fit_to_open_files, http_protocol
 from spigot.metering import open_store
 from spigot.models import OPENAI_NAME_PATTERNS, ModelRouter
+from spigot.resume import open_event_log
 
 log = logging.getLogger(__name__)
+
+# Seconds after the grace period for interrupted streams to be billed and told.
+SHUTDOWN_MARGIN = 10
 
 
 def build_state(settings: Settings) -> ServerState:
@@ -27,7 +36,9 @@ def build_state(settings: Settings) -> ServerState:
         # One server per SQLite file: reservations left by a killed predecessor would
         # otherwise hold budget and concurrency until they go stale.
         if store.dialect == "sqlite" and (cleared := store.clear_reservations()):
-            log.info("dropped %d reservation(s) left by an earlier run", cleared)
+            log.info("billed %d request(s) cut short by an earlier run as interrupted", cleared)
+        elif store.dialect != "sqlite" and (stale := store.bill_stale_reservations()):
+            log.info("billed %d stale reservation(s) of vanished replicas as interrupted", stale)
         metering = Metering(store, settings.prices, require_auth=settings.require_auth)
         log.info("metering: keys and ledger in %s", store.dialect)
     engines: dict[str, AsyncEngine] = {}
@@ -51,27 +62,58 @@ def build_state(settings: Settings) -> ServerState:
         router=ModelRouter(list(engines), aliases),
         guard=settings.guard,
         metering=metering,
+        limits=RequestLimits(
+            max_body_bytes=settings.max_body_bytes, max_messages=settings.max_messages
+        ),
+        shutdown=Shutdown(grace=settings.shutdown_grace),
+        loopback_only=is_loopback_host(settings.host),
+        detached=(
+            None
+            if settings.detach_seconds is None
+            else Detached(open_event_log(settings.redis_url), settings.detach_seconds)
+        ),
     )
 
 
 def build_app(settings: Settings) -> FastAPI:
-    return create_app(build_state(settings))
+    return create_app(build_state(settings), cors_origins=settings.cors_origins)
+
+
+class Server(uvicorn.Server):
+    """uvicorn, telling the app when shutdown starts so that streams can be drained.
+
+    uvicorn then waits for running requests (longer than the grace period, so
+    that interrupted streams are billed and told before the process exits).
+    """
+
+    def __init__(self, config: uvicorn.Config, shutdown: Shutdown) -> None:
+        super().__init__(config)
+        self._drain = shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._drain.begin()
+        await super().shutdown(sockets)
 
 
 def run(settings: Settings, *, verbose_llama: bool = False) -> None:
     set_native_logging(verbose_llama)
     app = build_app(settings)
+    # Timeouts, header size and connection cap below the app (http_limits.py).
+    limits = fit_to_open_files(settings.connections)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # Streams are long-lived: on shutdown, let running ones finish for a
-        # while, then cancel them (their generation is aborted cleanly).
-        timeout_graceful_shutdown=30,
+        http=http_protocol(limits),
+        timeout_keep_alive=limits.idle_timeout,
+        # Streams are long-lived: on shutdown, running ones get the grace period
+        # (spigot.api.shutdown), then a margin to be billed and told.
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + SHUTDOWN_MARGIN,
         access_log=False,
     )
-    server = uvicorn.Server(config)
+    state: ServerState = app.state.spigot
+    server = Server(config, state.shutdown)
     log.info(
         "serving %s on http://%s:%d/v1",
         ", ".join(app.state.spigot.engines),

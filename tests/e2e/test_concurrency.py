@@ -62,7 +62,8 @@ def _raw_stream_request(server: RunningServer, payload: dict[str, Any]) -> socke
     body = orjson.dumps({**payload, "stream": True})
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )

@@ -234,7 +234,7 @@ def raw_request(
     )
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n".encode()
         + head
         + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
         + data

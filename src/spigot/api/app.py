@@ -11,12 +11,14 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spigot import __version__
-from spigot.api import admin, chat, completions, models, tokens
+from spigot.api import admin, chat, completions, models, streams, tokens
+from spigot.api.openapi import install_openapi
 from spigot.api.responses import error_response, json_response
 from spigot.api.state import ServerState
 from spigot.api.streaming import ClientDisconnected
@@ -92,17 +94,41 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
-def create_app(state: ServerState) -> FastAPI:
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client closed the connection while its body was being read: routine.
+    log.info("%s: the client left while sending its request", request.state.request_id)
+    return Response(status_code=499)
+
+
+# Headers a browser page may read from a cross-origin response.
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "retry-after",
+    *(
+        f"x-ratelimit-{what}-{kind}"
+        for what in ("limit", "remaining", "reset")
+        for kind in ("requests", "tokens")
+    ),
+]
+
+
+def create_app(state: ServerState, *, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        if state.detached is not None:
+            await state.detached.events.ping()  # a wrong --redis fails before loading
         for engine in state.engines.values():
             engine.start(loop)
         try:
             yield
         finally:
+            if state.detached is not None:
+                # Detached streams end within the grace period (interrupted, billed).
+                await state.detached.close(within=state.shutdown.grace + 10)
             for engine in state.engines.values():
                 engine.stop()
+            state.prep.close()
 
     app = FastAPI(
         title="spigot",
@@ -116,7 +142,9 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(completions.router)
     app.include_router(models.router)
     app.include_router(tokens.router)
+    app.include_router(streams.router)
     app.include_router(admin.router)
+    install_openapi(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -137,5 +165,18 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(StoreError, _store_error)
     app.add_exception_handler(ClientDisconnected, _client_left)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
+    if cors_origins:
+        # Off by default: only the origins an operator names may call from a page.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            # SDKs send headers of their own (x-stainless-*, openai-*): allow what a
+            # listed origin asks for; the origin list is the gate.
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
     app.add_middleware(RequestIdMiddleware)
     return app

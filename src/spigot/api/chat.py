@@ -9,13 +9,14 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from spigot.api import unsupported
+from spigot.api.detach import stream_response
+from spigot.api.generation import Prepared, cache_scope, start_generation
 from spigot.api.guarding import check_logprobs, guard_inputs, output_guard
-from spigot.api.metering import admit, authorize, release
+from spigot.api.metering import authorize
 from spigot.api.responses import json_response
 from spigot.api.schemas import ChatCompletionRequest
-from spigot.api.sse import EventStreamResponse
 from spigot.api.state import (
-    RequestRecord,
     ServerState,
     check_choices,
     new_id,
@@ -23,10 +24,10 @@ from spigot.api.state import (
     resolve_max_tokens,
 )
 from spigot.api.streaming import StreamedRequest, collect, finish_reason_of, usage_body
-from spigot.engine.async_engine import QueueFull
+from spigot.api.streams import resume_if_asked
 from spigot.engine.chat_template import ChatTemplateError
 from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
-from spigot.errors import InvalidRequest, Overloaded
+from spigot.errors import InvalidRequest
 
 router = APIRouter()
 
@@ -90,67 +91,63 @@ class ChatChunks:
 async def create_chat_completion(request: Request) -> Response:
     state: ServerState = request.app.state.spigot
     key = await authorize(request)
-    body = await parse_body(request, ChatCompletionRequest)
+    if (resumed := await resume_if_asked(request, state, key)) is not None:
+        return resumed
+    body = await parse_body(request, ChatCompletionRequest, unsupported.CHAT)
     body.check()
     engine = state.engine_for(body.model)
     n = body.choices
     check_choices(engine, n)
     check_logprobs(state.guard, bool(body.logprobs), param="logprobs")
-    messages = [m.for_template() for m in body.messages]
-    contents = guard_inputs(
-        state.guard,
-        state.guard_counters,
-        request.state.request_id,
-        [m["content"] for m in messages],
-        param="messages",
-    )
-    for message, content in zip(messages, contents, strict=True):
-        message["content"] = content
-    try:
-        rendered = engine.render_chat(messages)
-    except ChatTemplateError as exc:
-        raise InvalidRequest(str(exc), param="messages") from None
-    prompt = tuple(engine.tokenize_chat(rendered))
-    max_tokens = resolve_max_tokens(
-        engine, len(prompt), body.requested_max_tokens, param="messages"
-    )
-    requests = [
-        GenRequest(
-            engine.new_request_id(),
-            prompt,
-            body.to_sampling_params(
-                max_tokens=max_tokens,
-                vocab_size=engine.vocab_size,
-                logprobs=body.logprobs_count,
-                choice=i,
-            ),
-            i,
-        )
-        for i in range(n)
-    ]
-    reservation = await admit(
-        request,
-        key,
-        model=engine.model_id,
-        prompt_tokens=len(prompt),
-        max_completion_tokens=max_tokens * n,
-    )
-    try:
-        stream = engine.submit(requests)
-    except QueueFull as exc:
-        await release(request, reservation)
-        raise Overloaded(str(exc), retry_after=1) from None
+    request_id = request.state.request_id
+    scope = cache_scope(key)
 
-    record = RequestRecord(
-        request_id=request.state.request_id,
+    def prepare() -> Prepared:
+        messages = [m.for_template() for m in body.messages]
+        contents = guard_inputs(
+            state.guard,
+            state.guard_counters,
+            request_id,
+            [m["content"] for m in messages],
+            param="messages",
+        )
+        for message, content in zip(messages, contents, strict=True):
+            message["content"] = content
+        try:
+            prompt = tuple(engine.chat_tokens(messages))
+        except ChatTemplateError as exc:
+            raise InvalidRequest(str(exc), param="messages") from None
+        max_tokens = resolve_max_tokens(
+            engine, len(prompt), body.requested_max_tokens, param="messages"
+        )
+        requests = [
+            GenRequest(
+                engine.new_request_id(),
+                prompt,
+                body.to_sampling_params(
+                    max_tokens=max_tokens,
+                    vocab_size=engine.vocab_size,
+                    logprobs=body.logprobs_count,
+                    choice=i,
+                ),
+                i,
+                cache_scope=scope,
+            )
+            for i in range(n)
+        ]
+        return Prepared(requests, len(prompt), max_tokens * n)
+
+    started = await start_generation(
+        request,
+        key=key,
+        engine=engine,
         endpoint="chat",
-        model=engine.model_id,
         streamed=bool(body.stream),
-        prompt_tokens=len(prompt),
-        key_id=key.id if key is not None else None,
         n=n,
+        sequences=n,
+        prepare=prepare,
     )
-    headers = reservation.headers if reservation is not None else None
+    stream, record, headers = started.stream, started.record, started.headers
     completion_id = new_id("chatcmpl")
     created = int(time.time())
     guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, n)
@@ -165,7 +162,7 @@ async def create_chat_completion(request: Request) -> Response:
             include_usage=body.include_usage,
             guard=guard,
         )
-        return EventStreamResponse(streamed.events(), headers=headers, on_close=streamed.close)
+        return await stream_response(state.detached, streamed, scope, headers)
 
     per_choice = await collect(
         request=request, state=state, stream=stream, record=record, choices=n, guard=guard

@@ -10,13 +10,14 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from spigot.api import unsupported
+from spigot.api.detach import stream_response
+from spigot.api.generation import Prepared, cache_scope, start_generation
 from spigot.api.guarding import check_logprobs, guard_inputs, output_guard
-from spigot.api.metering import admit, authorize, release
+from spigot.api.metering import authorize
 from spigot.api.responses import json_response
 from spigot.api.schemas import CompletionRequest
-from spigot.api.sse import EventStreamResponse
 from spigot.api.state import (
-    RequestRecord,
     ServerState,
     check_choices,
     new_id,
@@ -24,9 +25,10 @@ from spigot.api.state import (
     resolve_max_tokens,
 )
 from spigot.api.streaming import StreamedRequest, collect, finish_reason_of, usage_body
-from spigot.engine.async_engine import AsyncEngine, QueueFull
+from spigot.api.streams import resume_if_asked
+from spigot.engine.async_engine import AsyncEngine
 from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
-from spigot.errors import InvalidRequest, Overloaded
+from spigot.errors import InvalidRequest
 
 router = APIRouter()
 
@@ -132,55 +134,58 @@ def _prepare_prompts(
 async def create_completion(request: Request) -> Response:
     state: ServerState = request.app.state.spigot
     key = await authorize(request)
-    body = await parse_body(request, CompletionRequest)
+    if (resumed := await resume_if_asked(request, state, key)) is not None:
+        return resumed
+    body = await parse_body(request, CompletionRequest, unsupported.COMPLETIONS)
     body.check()
     engine = state.engine_for(body.model)
     n = body.choices
     check_logprobs(state.guard, body.logprobs is not None, param="logprobs")
-    prompts = _prepare_prompts(engine, body, state, request.state.request_id)
-    total = n * len(prompts)
+    total = n * len(body.prompts())
     check_choices(engine, total)
+    request_id = request.state.request_id
+    scope = cache_scope(key)
+    prompts: list[_Prompt] = []
 
-    requests: list[GenRequest] = []
-    max_completion_tokens = 0
-    for p_index, prompt in enumerate(prompts):
-        max_tokens = resolve_max_tokens(
-            engine, len(prompt.token_ids), body.max_tokens, param="prompt"
-        )
-        max_completion_tokens += max_tokens * n
-        for i in range(n):
-            choice = p_index * n + i
-            params = body.to_sampling_params(
-                max_tokens=max_tokens,
-                vocab_size=engine.vocab_size,
-                logprobs=body.logprobs,
-                choice=i,
+    def prepare() -> Prepared:
+        prompts.extend(_prepare_prompts(engine, body, state, request_id))
+        requests: list[GenRequest] = []
+        max_completion_tokens = 0
+        for p_index, prompt in enumerate(prompts):
+            max_tokens = resolve_max_tokens(
+                engine, len(prompt.token_ids), body.requested_max_tokens, param="prompt"
             )
-            requests.append(GenRequest(engine.new_request_id(), prompt.token_ids, params, choice))
-    prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    reservation = await admit(
-        request,
-        key,
-        model=engine.model_id,
-        prompt_tokens=prompt_tokens,
-        max_completion_tokens=max_completion_tokens,
-    )
-    try:
-        stream = engine.submit(requests)
-    except QueueFull as exc:
-        await release(request, reservation)
-        raise Overloaded(str(exc), retry_after=1) from None
+            max_completion_tokens += max_tokens * n
+            for i in range(n):
+                params = body.to_sampling_params(
+                    max_tokens=max_tokens,
+                    vocab_size=engine.vocab_size,
+                    logprobs=body.logprobs,
+                    choice=i,
+                )
+                requests.append(
+                    GenRequest(
+                        engine.new_request_id(),
+                        prompt.token_ids,
+                        params,
+                        p_index * n + i,
+                        cache_scope=scope,
+                    )
+                )
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        return Prepared(requests, prompt_tokens, max_completion_tokens)
 
-    record = RequestRecord(
-        request_id=request.state.request_id,
+    started = await start_generation(
+        request,
+        key=key,
+        engine=engine,
         endpoint="completions",
-        model=engine.model_id,
         streamed=bool(body.stream),
-        prompt_tokens=prompt_tokens,
-        key_id=key.id if key is not None else None,
         n=n,
+        sequences=total,
+        prepare=prepare,
     )
-    headers = reservation.headers if reservation is not None else None
+    stream, record, headers = started.stream, started.record, started.headers
     completion_id = new_id("cmpl")
     created = int(time.time())
     # An echoed prompt is completion text like any other: output rules see it too.
@@ -199,7 +204,7 @@ async def create_completion(request: Request) -> Response:
             guard=guard,
             preamble=echoes,
         )
-        return EventStreamResponse(streamed.events(), headers=headers, on_close=streamed.close)
+        return await stream_response(state.detached, streamed, scope, headers)
 
     per_choice = await collect(
         request=request,

@@ -1,6 +1,8 @@
 """OpenAI wire models for requests, validated with pydantic.
 
-Unknown fields are accepted and ignored, as OpenAI-compatible servers do.
+Unknown fields are accepted and dropped as they are read (and their names
+logged, ``spigot.api.body``), as OpenAI-compatible servers do; known but
+unsupported ones are refused (``spigot.api.unsupported``).
 Conversion to the engine's own types happens here and only here
 (``to_sampling_params``). Responses are built as plain dicts in the route
 modules: they are on the hot path and their shape is fixed.
@@ -14,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from spigot.engine.types import SamplingParams
-from spigot.errors import InvalidRequest
+from spigot.errors import InvalidRequest, UnsupportedParameter
 
 MAX_STOP_SEQUENCES = 4
+DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions' max_tokens when absent or null
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -26,21 +29,24 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 class _Wire(BaseModel):
     # strict: "stream": "yes" or "temperature": "0.5" is a mistake to report,
     # not to guess at (ints are still accepted where a float is expected).
-    model_config = ConfigDict(extra="allow", strict=True)
+    # extra="ignore": an unknown field is not kept, however large it is.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Wire):
     include_usage: bool = False
 
 
-class TextPart(_Wire):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Wire):
+    # Any type parses, so that an image or audio part is refused by name
+    # (``ChatCompletionRequest.check``) rather than as "not a text part".
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -56,7 +62,7 @@ class ChatMessage(_Wire):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
         # Templates know system/user/assistant; "developer" is OpenAI's new
@@ -157,9 +163,29 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Accepted and without effect here (no tools, no stored completions).
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     def check(self) -> None:
         self.check_common()
+        for i, message in enumerate(self.messages):
+            if not isinstance(message.content, list):
+                continue
+            for j, part in enumerate(message.content):
+                if part.type != "text":
+                    raise UnsupportedParameter(
+                        f"Content parts of type '{part.type}' are not supported by this "
+                        "model; only 'text' parts are.",
+                        param=f"messages[{i}].content[{j}].type",
+                    )
+                if part.text is None:
+                    raise InvalidRequest(
+                        f"Missing required parameter: 'messages[{i}].content[{j}].text'.",
+                        param=f"messages[{i}].content[{j}].text",
+                    )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest(
                 "Invalid 'top_logprobs': 'logprobs' must be set to true when "
@@ -187,9 +213,10 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    # null means the default (16) here, as for every other optional field.
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    echo: bool = False
+    echo: bool | None = False
     best_of: Annotated[int, Field(ge=1)] | None = None
     suffix: str | None = None
 
@@ -210,6 +237,10 @@ class CompletionRequest(_SamplingFields):
             )
         if isinstance(self.prompt, list) and not self.prompt:
             raise InvalidRequest("'prompt' must not be empty.", param="prompt")
+
+    @property
+    def requested_max_tokens(self) -> int:
+        return DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: a string, or a list of token ids, each."""

@@ -6,23 +6,28 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import Request
 
+from spigot.api.body import decode_body, read_body
 from spigot.api.guarding import GuardCounters
 from spigot.api.metering import Metering
-from spigot.api.validation import validation_error
+from spigot.api.prep import PrepPool
+from spigot.api.shutdown import Shutdown
+from spigot.api.unsupported import Unsupported
 from spigot.engine.async_engine import AsyncEngine
 from spigot.engine.types import Usage
 from spigot.errors import ContextLengthExceeded, InvalidRequest, ModelNotFoundError
 from spigot.guard import Policy
 from spigot.metering import LedgerEntry
 from spigot.models import ModelNotFound, ModelRouter
+
+if TYPE_CHECKING:
+    from spigot.api.detach import Detached
 
 log = logging.getLogger("spigot.requests")
 
@@ -88,6 +93,12 @@ def log_record(record: RequestRecord) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    max_body_bytes: int = 8 * 2**20
+    max_messages: int = 2048
+
+
 @dataclass
 class ServerState:
     engines: dict[str, AsyncEngine]
@@ -96,6 +107,14 @@ class ServerState:
     guard: Policy | None = None
     guard_counters: GuardCounters = field(default_factory=GuardCounters)
     metering: Metering | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    prep: PrepPool = field(default_factory=PrepPool)
+    shutdown: Shutdown = field(default_factory=lambda: Shutdown(grace=30.0))
+    # Bound to a loopback address: a keyless server then answers only loopback
+    # Host names, so a web page cannot reach it by DNS rebinding.
+    loopback_only: bool = False
+    # Resumable streams (--on-disconnect detach=N); None: cancel on disconnect.
+    detached: Detached | None = None
 
     def engine_for(self, name: str) -> AsyncEngine:
         try:
@@ -151,21 +170,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    raw = await request.body()
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. (HINT: This likely means you "
-            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+async def parse_body(
+    request: Request,
+    model: type[M],
+    unsupported: Mapping[str, Unsupported] | None = None,
+) -> M:
+    """The request's body as ``model``: read with the size cap, decoded in the prep pool."""
+    state: ServerState = request.app.state.spigot
+    raw = await read_body(request, state.limits.max_body_bytes)
+    max_messages = state.limits.max_messages
+    return await state.prep.run(
+        lambda: decode_body(raw, model, max_messages=max_messages, unsupported=unsupported)
+    )
 
 
 def resolve_max_tokens(

@@ -3,7 +3,7 @@
 A ``ChunkFormat`` knows one endpoint's wire shapes; everything else is here:
 the order of events, usage accounting, the in-band error event, and the
 ``finally`` that aborts generation and records usage however the request
-ended (normal end, client disconnect, engine error).
+ended (normal end, client disconnect, engine error, server shutdown).
 
 Usage is counted from every engine output as it arrives; what the client
 then sees of an output passes through the request's ``OutputGuard`` (when
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -128,9 +129,13 @@ class StreamedRequest:
         self._preamble = preamble  # text sent before the model's (an echoed prompt)
         self._recorded = False
         self._closed = False
+        # Tracked from here until close: a server shutdown may cut it short.
+        self._interruption = state.shutdown.track(stream)
+        self._checkpoints = Checkpoints(state, record)
 
     async def events(self) -> AsyncIterator[bytes]:
         fmt, record, stream, guard = self._fmt, self._record, self._stream, self._guard
+        interruption = self._interruption
         try:
             for choice in range(self._choices):
                 opening = fmt.opening(choice)
@@ -141,6 +146,7 @@ class StreamedRequest:
                     yield event
             async for output in stream:
                 _account(record, output)
+                self._checkpoints.step(output)
                 if output.error is not None:
                     record.status = "error"
                     await _abort_and_account(stream, record)
@@ -148,6 +154,13 @@ class StreamedRequest:
                     return
                 for event in _events(fmt, _visible(guard, record, output)):
                     yield event
+            if interruption.error is not None:
+                # Cut short by the server (shutdown): billed first, then told in-band.
+                record.status = "interrupted"
+                self._recorded = True
+                await self._state.finish(record)
+                yield data_event(interruption.error.to_body())
+                return
             # Usage is recorded (and the ledger row committed) before the client can see
             # [DONE]: a client that saw the end of the stream has always been metered.
             self._recorded = True
@@ -164,6 +177,7 @@ class StreamedRequest:
         if self._closed:
             return
         self._closed = True
+        self._state.shutdown.untrack(self._interruption)
         if not self._stream.finished:
             if self._record.status == "ok":
                 self._record.status = "disconnected"
@@ -171,6 +185,47 @@ class StreamedRequest:
         if not self._recorded:
             self._recorded = True
             await self._state.finish(self._record)
+
+
+class Checkpoints:
+    """A long stream's progress, saved on its reservation every few seconds.
+
+    If the process dies (SIGKILL, a crash) before the stream is settled, the
+    next start bills the reservation at these counts (``Store.checkpoint``):
+    tokens already served are not given away. The count is the outputs the
+    client was sent, one token each at most, so it never bills more than ran.
+    """
+
+    EVERY = 2.0  # seconds
+
+    def __init__(self, state: ServerState, record: RequestRecord) -> None:
+        self._metering = state.metering if record.key_id is not None else None
+        self._record = record
+        self._served = 0
+        self._last = time.monotonic()
+        self._task: asyncio.Task[bool] | None = None
+
+    def step(self, output: GenOutput) -> None:
+        if self._metering is None or output.finished:
+            return
+        self._served += 1
+        now = time.monotonic()
+        # The first output means the prompt was computed: that is worth saving at once.
+        due = self._served == 1 or now - self._last >= self.EVERY
+        if not due or (self._task is not None and not self._task.done()):
+            return
+        self._last = now
+        record = self._record
+        # Not awaited: the stream never waits on the database.
+        self._task = asyncio.create_task(
+            self._metering.checkpoint(
+                record.request_id,
+                model=record.model,
+                prompt_tokens=record.prompt_tokens,
+                cached_tokens=0,
+                completion_tokens=self._served,
+            )
+        )
 
 
 class ClientDisconnected(Exception):
@@ -199,6 +254,9 @@ async def collect(
     Generation is aborted if the client leaves first.
     """
 
+    interruption = state.shutdown.track(stream)
+    checkpoints = Checkpoints(state, record)
+
     async def gather() -> list[list[GenOutput]]:
         per_choice: list[list[GenOutput]] = [[] for _ in range(choices)]
         for output in preamble:
@@ -207,12 +265,16 @@ async def collect(
                 per_choice[shown.choice_index].append(shown)
         async for output in stream:
             _account(record, output)
+            checkpoints.step(output)
             if output.error is not None:
                 record.status = "error"
                 raise EngineFailure(output.error)
             shown = _visible(guard, record, output)
             if shown is not None:
                 per_choice[shown.choice_index].append(shown)
+        if interruption.error is not None:
+            record.status = "interrupted"
+            raise interruption.error
         return per_choice
 
     worker = asyncio.create_task(gather())
@@ -224,6 +286,7 @@ async def collect(
         record.status = "disconnected"
         raise ClientDisconnected
     finally:
+        state.shutdown.untrack(interruption)
         for task in (worker, watcher):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

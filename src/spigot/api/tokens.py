@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from spigot.api.metering import authorize
+from spigot.api.metering import admit, authorize, release
 from spigot.api.responses import json_response
 from spigot.api.schemas import DetokenizeRequest, TokenizeRequest
 from spigot.api.state import ServerState, parse_body
@@ -18,20 +20,30 @@ router = APIRouter()
 
 @router.post("/tokenize")
 async def tokenize(request: Request) -> Response:
-    await authorize(request)
+    key = await authorize(request)
     state: ServerState = request.app.state.spigot
     body = await parse_body(request, TokenizeRequest)
     engine = state.engine_for(body.model)
-    if body.messages is not None:
-        try:
-            rendered = engine.render_chat([m.for_template() for m in body.messages])
-        except ChatTemplateError as exc:
-            raise InvalidRequest(str(exc), param="messages") from None
-        tokens = engine.tokenize_chat(rendered)
-    elif body.prompt is not None:
-        tokens = engine.tokenize_prompt(body.prompt)
-    else:
+    if body.messages is None and body.prompt is None:
         raise InvalidRequest("Either 'prompt' or 'messages' is required.", param="prompt")
+
+    def prepare() -> list[int]:
+        if body.messages is not None:
+            try:
+                return engine.chat_tokens([m.for_template() for m in body.messages])
+            except ChatTemplateError as exc:
+                raise InvalidRequest(str(exc), param="messages") from None
+        assert body.prompt is not None
+        return engine.tokenize_prompt(body.prompt)
+
+    # Tokenizing costs CPU like a prompt does: admitted like a request (concurrency
+    # and requests per minute), released when done; no tokens are billed.
+    state.shutdown.refuse_if_draining()
+    reservation = await admit(request, key, model=engine.model_id, sequences=1)
+    try:
+        tokens = await state.prep.run(prepare)
+    finally:
+        await asyncio.shield(release(request, reservation))
     return json_response(
         {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_context}
     )

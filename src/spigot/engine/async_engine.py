@@ -14,13 +14,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from spigot.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from spigot.engine.core import EngineCore
 from spigot.engine.llamacpp import ContextOptions, LlamaCppModel
+from spigot.engine.prompt_tokens import PromptTokenizer
 from spigot.engine.scheduler import Scheduler, SchedulerConfig
 from spigot.engine.types import GenOutput, GenRequest
 
@@ -45,6 +46,14 @@ class EngineOptions:
     prefix_cache_tokens: int = 0
     # Host memory for prefixes evicted from the KV pool (the second tier).
     prefix_cache_ram_mb: int = 96
+    # "key": a prompt reuses only prefixes computed under its own
+    # ``GenRequest.cache_scope`` (one API key), so cached_tokens and time to
+    # first token reveal nothing across tenants. "shared": every request
+    # reuses every prefix, for single-tenant deployments that want the most reuse.
+    prefix_cache_scope: Literal["key", "shared"] = "key"
+    # Special-token text in chat messages ("<|im_end|>") becomes the special
+    # token instead of plain text: lets users forge turns; for trusted clients.
+    special_tokens_in_content: bool = False
 
 
 class RequestStream:
@@ -122,6 +131,11 @@ class AsyncEngine:
             bos_token=self.model.token_text(self.model.bos_id) if self.model.bos_id >= 0 else "",
             eos_token=self.model.token_text(self.model.eos_id) if self.model.eos_id >= 0 else "",
         )
+        self.prompt_tokenizer = PromptTokenizer(
+            self.model.special_tokens(),
+            self._tokenize_plain,
+            template_source=self.chat_template.source,
+        )
         scheduler = Scheduler(
             SchedulerConfig(
                 max_running=options.parallel,
@@ -187,21 +201,42 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         return self.model.n_vocab
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt tokens of a conversation (raises ChatTemplateError).
+
+        Special tokens spelled in the messages are text unless the options
+        say otherwise (``PromptTokenizer.chat``). Linear in the input, but
+        CPU work that grows with it: callers run it off the event loop. Safe
+        from any thread while the engine thread decodes.
+        """
+        return self.prompt_tokenizer.chat(
+            self._render_chat,
+            messages,
+            specials_in_content=self.options.special_tokens_in_content,
+        )
+
+    def _render_chat(self, messages: list[dict[str, Any]]) -> str:
         return self.chat_template.render(messages, add_generation_prompt=True)
 
-    def tokenize_chat(self, rendered: str) -> list[int]:
-        # The template already wrote any BOS and special markers as text.
-        return self.model.tokenize(rendered, add_special=False, parse_special=True)
-
     def tokenize_prompt(self, text: str) -> list[int]:
-        tokens = self.model.tokenize(text, add_special=True, parse_special=True)
+        """A raw prompt's tokens, specials parsed (completions prompts are raw model input).
+
+        Linear in the text; safe from any thread while the engine thread decodes.
+        """
+        tokens = self.prompt_tokenizer.tokenize(text)
+        if self.model.add_bos:
+            tokens.insert(0, self.model.bos_id)
+        if self.model.add_eos:
+            tokens.append(self.model.eos_id)
         if not tokens:
             # An empty prompt starts from the start of a text, as OpenAI's
             # models start from <|endoftext|>.
             start = self.model.bos_id if self.model.bos_id >= 0 else self.model.eos_id
             tokens = [start]
         return tokens
+
+    def _tokenize_plain(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=False, parse_special=False)
 
     def detokenize(self, token_ids: Seq[int]) -> str:
         pieces = self.model.pieces
@@ -225,6 +260,9 @@ class AsyncEngine:
                 f"{len(self._streams)} sequences are running or queued; "
                 f"the limit is {self.capacity}"
             )
+        if self.options.prefix_cache_scope == "shared":
+            # One scope for everyone: the scheduler then matches every prefix.
+            requests = [replace(r, cache_scope="") for r in requests]
         stream = RequestStream(self, requests)
         for request in requests:
             self._streams[request.request_id] = stream

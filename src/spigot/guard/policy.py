@@ -127,44 +127,60 @@ class Policy:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise PolicyError(f"{path}: cannot read the policy: {exc.strerror}") from None
-        return cls.from_toml(text, source=str(path))
+        return cls(rules_from_file(path), str(path))
 
     @classmethod
     def from_toml(cls, text: str, source: str = "<policy>") -> Policy:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{source}: not valid TOML: {exc}") from None
-        return cls.from_dict(data, source=source)
+        return cls(rules_from_toml(text, source), source)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<policy>") -> Policy:
-        unknown = set(data) - {"rule"}
-        if unknown:
-            raise PolicyError(
-                f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
-                "rules go in [[rule]] tables"
-            )
-        raw_rules = data.get("rule", [])
-        if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
-            raise PolicyError(f"{source}: 'rule' must be an array of tables ([[rule]])")
-        rules: list[Rule] = []
-        seen: set[str] = set()
-        for number, raw in enumerate(raw_rules, start=1):
-            rule = _parse_rule(raw, number, source)
-            if rule.id in seen:
-                raise PolicyError(f"{source}: rule {rule.id!r}: the id is used twice")
-            seen.add(rule.id)
-            rules.append(rule)
-        return cls(rules, source)
+        return cls(rules_from_dict(data, source), source)
 
     def __repr__(self) -> str:
         return f"Policy({self.source!r}, {len(self.rules)} rules)"
+
+
+# Reading rules checks a policy completely except that plug-ins are not
+# imported: importing runs their code, which checking a file must not do.
+
+
+def rules_from_file(path: str | Path) -> list[Rule]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the policy: {exc.strerror}") from None
+    return rules_from_toml(text, source=str(path))
+
+
+def rules_from_toml(text: str, source: str = "<policy>") -> list[Rule]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{source}: not valid TOML: {exc}") from None
+    return rules_from_dict(data, source=source)
+
+
+def rules_from_dict(data: Mapping[str, Any], source: str = "<policy>") -> list[Rule]:
+    unknown = set(data) - {"rule"}
+    if unknown:
+        raise PolicyError(
+            f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
+            "rules go in [[rule]] tables"
+        )
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
+        raise PolicyError(f"{source}: 'rule' must be an array of tables ([[rule]])")
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(raw_rules, start=1):
+        rule = _parse_rule(raw, number, source)
+        if rule.id in seen:
+            raise PolicyError(f"{source}: rule {rule.id!r}: the id is used twice")
+        seen.add(rule.id)
+        rules.append(rule)
+    return rules
 
 
 def _parse_rule(raw: Mapping[str, Any], number: int, source: str) -> Rule:
