@@ -44,6 +44,18 @@ format: install
 bench: install
 	$(BIN)/spigot bench standard $(ARGS)
 
+# The reliability suite (docs/reliability.md): real servers, the embedded model, and
+# fuzzing, a hostile corpus, overload, vanishing clients, SIGTERM/SIGKILL with the
+# ledger checked, resumed streams and a soak. The short form is CI's (about 5 minutes);
+# the full one (about 25) is for releases. Summary in build/reliability/.
+.PHONY: reliability reliability-short
+
+reliability: install
+	$(BIN)/python -m tests.reliability --full $(ARGS)
+
+reliability-short: install
+	$(BIN)/python -m tests.reliability $(ARGS)
+
 # The servers spigot is compared with, built under SPIGOT_PEERS_DIR
 # (default ~/.cache/spigot-peers), never in the repository.
 peers: install

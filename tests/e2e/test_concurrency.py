@@ -187,7 +187,9 @@ def test_shutdown_lets_open_streams_finish() -> None:
 
     from tests.e2e.server import start_server
 
-    srv = start_server("--parallel", "2")
+    # A grace period far longer than the stream needs, even on a loaded machine
+    # (tests/e2e/test_shutdown.py covers streams that outlast it).
+    srv = start_server("--parallel", "2", "--shutdown-grace", "120")
     try:
         events: list[bytes] = []
 

@@ -481,3 +481,14 @@ async def test_usage(api: httpx.AsyncClient, store: Store) -> None:
     ]:
         error = error_of(await api.get("/admin/usage", params=params), status)
         assert error["param"] == param
+
+
+async def test_a_key_id_past_64_bits_is_404_not_500(api: httpx.AsyncClient) -> None:
+    path = "/admin/keys/99999999999999999999"
+    for response in (
+        await api.get(path),
+        await api.patch(path, json={"rpm": 1}),
+        await api.delete(path),
+    ):
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"

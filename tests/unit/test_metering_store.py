@@ -234,6 +234,10 @@ def test_create_and_authenticate(store: Store) -> None:
     assert store.authenticate("") is None
     assert store.get_key("alice") == store.get_key(key.id) == store.get_key(str(key.id)) == key
     assert store.get_key("bob") is None and store.get_key(99) is None
+    # Ids past a BIGINT match nothing (the drivers would refuse the value: a 500).
+    huge = 10**20
+    assert store.get_key(huge) is None and store.get_key(str(huge)) is None
+    assert store.revoke_key(str(huge)) is False
 
     bob, bob_secret = store.create_key("bob")
     assert bob.models is None and bob.budget_pusd is None and not bob.admin

@@ -7,8 +7,11 @@ see a body for every POST and PATCH.
 
 from __future__ import annotations
 
+import datetime
+import json
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from starlette.testclient import TestClient
@@ -91,6 +94,12 @@ def test_streaming_routes_also_answer_events(schema: dict[str, Any]) -> None:
     for path in ("/v1/chat/completions", "/v1/completions"):
         content = schema["paths"][path]["post"]["responses"]["200"]["content"]
         assert set(content) == {"application/json", "text/event-stream"}
+        # Before OpenAPI 3.2 an event stream's schema describes one event, as parsed.
+        event = content["text/event-stream"]["schema"]
+        assert event["type"] == "object" and event["required"] == ["data"]
+        assert set(event["properties"]) == {"data", "event", "id", "retry"}
+        headers = [p["name"] for p in schema["paths"][path]["post"]["parameters"]]
+        assert headers == ["Last-Event-ID"]
 
 
 def test_every_reference_resolves(schema: dict[str, Any]) -> None:
@@ -108,3 +117,44 @@ def test_schemathesis_sees_the_bodies(schema: dict[str, Any]) -> None:
         if len(operation.body) > 0:
             with_body.add((operation.method.lower(), operation.path))
     assert set(BODIES) <= with_body
+
+
+def answer(status: int, media_type: str, body: bytes) -> schemathesis.Response:
+    response = httpx.Response(
+        status,
+        headers={"content-type": media_type},
+        content=body,
+        request=httpx.Request("POST", "http://127.0.0.1/v1/chat/completions"),
+    )
+    response._elapsed = datetime.timedelta(0)  # set by a transport; this one had none
+    return schemathesis.Response.from_any(response)
+
+
+def test_answers_are_checked_as_the_fuzzer_checks_them(schema: dict[str, Any]) -> None:
+    chat = schemathesis.openapi.from_dict(schema)["/v1/chat/completions"]["POST"]
+    stream = (
+        b'id: abcdefghijklmnopqrstuvwx:0\ndata: {"id":"chatcmpl-1","choices":[]}\n\n'
+        b'data: {"error":{"message":"m","type":"server_error","param":null,"code":null}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    chat.validate_response(answer(200, "text/event-stream; charset=utf-8", stream))
+    completion = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    chat.validate_response(answer(200, "application/json", json.dumps(completion).encode()))
+    error = {"error": {"message": "m", "type": "invalid_request_error", "param": "n", "code": None}}
+    chat.validate_response(answer(400, "application/json", json.dumps(error).encode()))
+    del error["error"]["code"]
+    with pytest.raises(AssertionError):
+        chat.validate_response(answer(400, "application/json", json.dumps(error).encode()))

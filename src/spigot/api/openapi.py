@@ -42,11 +42,6 @@ REQUEST_BODIES: dict[tuple[str, str], type[BaseModel]] = {
 STREAMING = {"/v1/chat/completions", "/v1/completions"}
 # Routes that only ever answer with server-sent events (resuming a detached stream).
 EVENTS_ONLY = {"/v1/streams/{stream_id}"}
-EVENT_STREAM = {
-    "schema": {"type": "string"},
-    "x-description": "data-only server-sent events (each with an id: line when resumable), "
-    "then data: [DONE]",
-}
 
 # The routes no key is needed for.
 PUBLIC = {"/health", "/openapi.json"}
@@ -83,6 +78,18 @@ ERROR_SCHEMA = _obj(
         )
     }
 )
+
+# One server-sent event (OpenAPI before 3.2 has a stream's ``schema`` describe each event):
+# ``data`` is a chunk's JSON, an error object, or ``[DONE]``; ``id`` is there when the
+# stream is resumable (``--on-disconnect detach=SECONDS``).
+EVENT_STREAM = {
+    "schema": _obj(
+        {"data": STRING},
+        event=STRING,
+        id=STRING,
+        retry=INTEGER,
+    ),
+}
 
 USAGE = _obj({"prompt_tokens": INTEGER, "completion_tokens": INTEGER, "total_tokens": INTEGER})
 
@@ -225,7 +232,19 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+# Resuming a detached stream (--on-disconnect detach=SECONDS): the last event id seen.
+LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "Resume the stream this event id belongs to, after that event.",
+    "schema": {"type": "string"},
+}
+
+
 def _describe(method: str, path: str, operation: dict[str, Any]) -> None:
+    if path in STREAMING or path in EVENTS_ONLY:
+        operation["parameters"] = [*operation.get("parameters", []), LAST_EVENT_ID]
     body = REQUEST_BODIES.get((method, path))
     if body is not None:
         operation["requestBody"] = {"required": True, "content": _json(body.__name__)}

@@ -298,9 +298,10 @@ class Store:
         suffix = tx.for_update if lock else ""
         by_id = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?{suffix}"
         if isinstance(id_or_name, int):
-            return tx.one(by_id, (id_or_name,))
+            # Past a BIGINT no key can match (and the drivers refuse the value).
+            return tx.one(by_id, (id_or_name,)) if 0 <= id_or_name <= MAX_BIGINT else None
         row = tx.one(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE name = ?{suffix}", (id_or_name,))
-        if row is None and DIGITS.fullmatch(id_or_name):
+        if row is None and DIGITS.fullmatch(id_or_name) and int(id_or_name) <= MAX_BIGINT:
             row = tx.one(by_id, (int(id_or_name),))
         return row
 
