@@ -98,6 +98,31 @@ def test_the_event_loop_keeps_serving_while_a_huge_prompt_is_prepared(
     assert slowest < 5.0, f"/health took {slowest:.1f}s while a big prompt was prepared"
 
 
+def test_detokenizing_a_huge_list_does_not_hold_the_event_loop(server: RunningServer) -> None:
+    found = httpx.post(f"{server.root_url}/tokenize", json={"model": MODEL, "prompt": "a"})
+    (a,) = [t for t in found.json()["tokens"] if t != 1]  # the piece "a"
+    tokens = [a] * 1_500_000  # under the body cap
+    result: dict[str, httpx.Response] = {}
+
+    def detokenize() -> None:
+        result["reply"] = httpx.post(
+            f"{server.root_url}/detokenize", json={"model": MODEL, "tokens": tokens}, timeout=300
+        )
+
+    thread = threading.Thread(target=detokenize)
+    thread.start()
+    slowest = 0.0
+    while thread.is_alive():
+        started = time.monotonic()
+        assert httpx.get(f"{server.root_url}/health", timeout=30).status_code == 200
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.02)
+    thread.join()
+    assert result["reply"].status_code == 200
+    assert len(result["reply"].json()["prompt"]) >= 1_500_000
+    assert slowest < 5.0, slowest
+
+
 # -- parameters that are known but not honoured --------------------------------------------
 
 

@@ -65,6 +65,7 @@ def test_sigterm_ends_each_stream_with_an_error_event_and_bills_it(tmp_path: Pat
         assert result.get("status") == 200, result
         lines = result["lines"]
         assert lines[-1] != "data: [DONE]"
+        assert not [line for line in lines if '"finish_reason":"abort"' in line]
         last = orjson.loads(lines[-1].removeprefix("data: "))
         assert last["error"]["code"] == "server_shutting_down", last
         # Cut after the grace period, not at once, and well before uvicorn's own cutoff.

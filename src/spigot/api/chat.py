@@ -23,7 +23,7 @@ from spigot.api.state import (
     parse_body,
     resolve_max_tokens,
 )
-from spigot.api.streaming import StreamedRequest, collect, finish_reason_of, usage_body
+from spigot.api.streaming import StreamedRequest, abandon, collect, finish_reason_of, usage_body
 from spigot.api.streams import resume_if_asked
 from spigot.engine.chat_template import ChatTemplateError
 from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
@@ -150,7 +150,12 @@ async def create_chat_completion(request: Request) -> Response:
     stream, record, headers = started.stream, started.record, started.headers
     completion_id = new_id("chatcmpl")
     created = int(time.time())
-    guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, n)
+    try:
+        # Output rules may run plug-in code: a failure must not leave the request running.
+        guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, n)
+    except BaseException:
+        await abandon(state, stream, record)
+        raise
     if body.stream:
         fmt = ChatChunks(completion_id, created, engine.model_id, bool(body.logprobs))
         streamed = StreamedRequest(

@@ -24,7 +24,7 @@ from spigot.api.state import (
     parse_body,
     resolve_max_tokens,
 )
-from spigot.api.streaming import StreamedRequest, collect, finish_reason_of, usage_body
+from spigot.api.streaming import StreamedRequest, abandon, collect, finish_reason_of, usage_body
 from spigot.api.streams import resume_if_asked
 from spigot.engine.async_engine import AsyncEngine
 from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
@@ -192,7 +192,12 @@ async def create_completion(request: Request) -> Response:
     echoes = [GenOutput(c, prompts[c // n].text) for c in range(total)] if body.echo else []
     logprobs = LogprobsWriter(total) if body.logprobs is not None else None
     fmt = CompletionChunks(completion_id, created, engine.model_id, logprobs)
-    guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, total)
+    try:
+        # Output rules may run plug-in code: a failure must not leave the request running.
+        guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, total)
+    except BaseException:
+        await abandon(state, stream, record)
+        raise
     if body.stream:
         streamed = StreamedRequest(
             state=state,

@@ -128,8 +128,12 @@ class Detached:
         """At shutdown: producers end (the shutdown grace interrupts them); then the log."""
         if self._producers:
             await asyncio.wait(set(self._producers), timeout=within)
-        for task in set(self._producers):
+        leftover = set(self._producers)
+        for task in leftover:
             task.cancel()
+        if leftover:
+            # Their finally blocks abort and bill: give them the engine while it runs.
+            await asyncio.wait(leftover, timeout=5)
         await self.events.close()
 
 

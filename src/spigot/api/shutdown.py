@@ -29,7 +29,8 @@ class Interruption:
         self._stream = stream
 
     def interrupt(self, error: SpigotError) -> None:
-        if self.error is None:
+        # A request whose every sequence already ended is complete: let it say so.
+        if self.error is None and self._stream.running:
             self.error = error
             self._stream.abort()
 

@@ -90,12 +90,22 @@ async def _abort_and_account(stream: RequestStream, record: RequestRecord) -> No
         _account(record, output)
 
 
+async def abandon(state: ServerState, stream: RequestStream, record: RequestRecord) -> None:
+    """A started request whose response could not even be set up: stop it and bill it,
+    so neither the engine nor the key's reservation is held for nobody."""
+    record.status = "error"
+    await _abort_and_account(stream, record)
+    await state.finish(record)
+
+
 def _events(fmt: ChunkFormat, output: GenOutput | None) -> Iterator[bytes]:
     if output is None:
         return
     if output.text:
         yield data_event(fmt.content(output))
-    if output.finished:
+    # An aborted choice gets no finish chunk ("abort" is not a wire reason): the
+    # stream ends with an error event instead (shutdown) or nobody is reading.
+    if output.finished and output.finish_reason is not FinishReason.ABORT:
         yield data_event(fmt.finish(output))
 
 

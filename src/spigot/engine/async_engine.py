@@ -87,6 +87,11 @@ class RequestStream:
     def finished(self) -> bool:
         return not self._open and not self._buffer
 
+    @property
+    def running(self) -> bool:
+        """Some sequence has not delivered its last output yet."""
+        return bool(self._open)
+
     def abort(self) -> None:
         """Stop generating whatever is still running; safe to call more than once.
 
