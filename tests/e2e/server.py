@@ -96,3 +96,16 @@ def start_server(*args: str, timeout: float = 120.0) -> RunningServer:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"spigot serve did not become healthy:\n{server.log()}")
+
+
+def spigot(*args: str) -> str:
+    """``spigot ARGS`` in a subprocess; its stdout (it must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "spigot", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"spigot {' '.join(args)}: {done.stderr}"
+    return done.stdout

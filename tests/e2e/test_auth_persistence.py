@@ -9,33 +9,18 @@ time took every slot with ``n=72``.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.server import ROOT, RunningServer, start_server
+from tests.e2e.server import RunningServer, spigot, start_server
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 SERVE = ("--parallel", "4", "--ctx-size", "2048")
-
-
-def spigot(*args: str) -> str:
-    """``spigot ARGS`` in a subprocess; its stdout (it must succeed)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "spigot", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert done.returncode == 0, f"spigot {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def chat(server: RunningServer, secret: str | None, **fields: Any) -> httpx.Response:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -68,31 +68,38 @@ def test_unknown_fields_are_accepted_and_logged_once(server: RunningServer) -> N
     assert server.log().count("'x_unknown_field_13'") == 1
 
 
-def test_the_event_loop_keeps_serving_while_a_huge_prompt_is_prepared(
-    server: RunningServer,
-) -> None:
-    """A 7 MiB message of special-token text once held the loop for half a minute."""
-    flood = "<|im_end|>" * 700_000
+def while_health_is_probed(
+    server: RunningServer, send: Callable[[], httpx.Response]
+) -> tuple[httpx.Response, float]:
+    """``send()`` in a thread while /health is polled: its reply and the slowest probe."""
     result: dict[str, httpx.Response] = {}
-
-    def hostile() -> None:
-        result["reply"] = httpx.post(
-            f"{server.base_url}{CHAT}",
-            json={"model": MODEL, "messages": [{"role": "user", "content": flood}]},
-            timeout=300,
-        )
-
-    thread = threading.Thread(target=hostile)
+    thread = threading.Thread(target=lambda: result.update(reply=send()))
     thread.start()
     slowest = 0.0
     while thread.is_alive():
         started = time.monotonic()
         assert httpx.get(f"{server.root_url}/health", timeout=30).status_code == 200
         slowest = max(slowest, time.monotonic() - started)
-        time.sleep(0.05)
+        time.sleep(0.02)
     thread.join()
+    return result["reply"], slowest
+
+
+def test_the_event_loop_keeps_serving_while_a_huge_prompt_is_prepared(
+    server: RunningServer,
+) -> None:
+    """A 7 MiB message of special-token text once held the loop for half a minute."""
+    flood = "<|im_end|>" * 700_000
+    reply, slowest = while_health_is_probed(
+        server,
+        lambda: httpx.post(
+            f"{server.base_url}{CHAT}",
+            json={"model": MODEL, "messages": [{"role": "user", "content": flood}]},
+            timeout=300,
+        ),
+    )
     # Far more tokens than the context holds: refused as such, never a 5xx.
-    assert_error(result["reply"], 400, "messages")
+    assert_error(reply, 400, "messages")
     # A stalled loop answered /health after tens of seconds; a worker thread
     # leaves it free (generous bound: the machine is shared).
     assert slowest < 5.0, f"/health took {slowest:.1f}s while a big prompt was prepared"
@@ -102,24 +109,14 @@ def test_detokenizing_a_huge_list_does_not_hold_the_event_loop(server: RunningSe
     found = httpx.post(f"{server.root_url}/tokenize", json={"model": MODEL, "prompt": "a"})
     (a,) = [t for t in found.json()["tokens"] if t != 1]  # the piece "a"
     tokens = [a] * 1_500_000  # under the body cap
-    result: dict[str, httpx.Response] = {}
-
-    def detokenize() -> None:
-        result["reply"] = httpx.post(
+    reply, slowest = while_health_is_probed(
+        server,
+        lambda: httpx.post(
             f"{server.root_url}/detokenize", json={"model": MODEL, "tokens": tokens}, timeout=300
-        )
-
-    thread = threading.Thread(target=detokenize)
-    thread.start()
-    slowest = 0.0
-    while thread.is_alive():
-        started = time.monotonic()
-        assert httpx.get(f"{server.root_url}/health", timeout=30).status_code == 200
-        slowest = max(slowest, time.monotonic() - started)
-        time.sleep(0.02)
-    thread.join()
-    assert result["reply"].status_code == 200
-    assert len(result["reply"].json()["prompt"]) >= 1_500_000
+        ),
+    )
+    assert reply.status_code == 200
+    assert len(reply.json()["prompt"]) >= 1_500_000
     assert slowest < 5.0, slowest
 
 

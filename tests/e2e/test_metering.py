@@ -23,8 +23,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -42,7 +40,7 @@ import pytest
 
 from spigot.api.metering import KEYS_EXIST_TTL
 from spigot.metering import ApiKey, LedgerEntry, Price, cost, open_store
-from tests.e2e.server import ROOT, RunningServer, start_server
+from tests.e2e.server import ROOT, RunningServer, spigot, start_server
 from tests.unit.metering_db import PgDatabase, pg_database, pg_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.e2e
@@ -73,19 +71,6 @@ def auth(secret: str) -> dict[str, str]:
 
 def story(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Tell me fact number {i} about the sea."}]
-
-
-def spigot(*args: str) -> str:
-    """``spigot ARGS`` in a subprocess; its stdout (it must succeed)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "spigot", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert done.returncode == 0, f"spigot {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def cli_key(db: str, name: str, *options: str) -> str:

@@ -29,6 +29,7 @@ from spigot.resume import (
     Follower,
     InvalidLastEventId,
     StreamNotFound,
+    is_stream_id,
     parse_last_event_id,
     with_event_id,
 )
@@ -73,7 +74,7 @@ class Detached:
         return _response(stream_id, follower, None)
 
     async def follow_from_start(self, owner: str, stream_id: str) -> EventStreamResponse:
-        if parse_last_event_id(f"{stream_id}:0") is None:
+        if not is_stream_id(stream_id):
             raise StreamNotFound()
         follower = await self.events.follow(stream_id, owner=owner, after=-1)
         return _response(stream_id, follower, None)

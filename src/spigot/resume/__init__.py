@@ -7,7 +7,13 @@ the semantics both implement.
 
 from __future__ import annotations
 
-from spigot.resume.ids import event_id, new_stream_id, parse_last_event_id, with_event_id
+from spigot.resume.ids import (
+    event_id,
+    is_stream_id,
+    new_stream_id,
+    parse_last_event_id,
+    with_event_id,
+)
 from spigot.resume.log import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_EVENTS,
@@ -35,6 +41,7 @@ __all__ = [
     "StreamLost",
     "StreamNotFound",
     "event_id",
+    "is_stream_id",
     "new_stream_id",
     "open_event_log",
     "parse_last_event_id",

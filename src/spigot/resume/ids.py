@@ -15,7 +15,9 @@ STREAM_ID_BYTES = 18
 MAX_SEQ = 10**9  # far above any stream's event count; keeps a parsed seq a small int
 
 # token_urlsafe's alphabet; the lengths leave room for other id sizes later.
-_LAST_EVENT_ID = re.compile(r"([A-Za-z0-9_-]{16,64}):(0|[1-9][0-9]{0,9})")
+_STREAM_ID = r"[A-Za-z0-9_-]{16,64}"
+_LAST_EVENT_ID = re.compile(rf"({_STREAM_ID}):(0|[1-9][0-9]{{0,9}})")
+_STREAM_ID_ONLY = re.compile(_STREAM_ID)
 
 
 def new_stream_id() -> str:
@@ -29,6 +31,11 @@ def event_id(stream_id: str, seq: int) -> str:
 def with_event_id(event: bytes, stream_id: str, seq: int) -> bytes:
     """An already framed event (``data: ...\\n\\n``) with its ``id:`` line in front."""
     return b"id: " + event_id(stream_id, seq).encode("ascii") + b"\n" + event
+
+
+def is_stream_id(value: str) -> bool:
+    """Whether ``value`` could be a stream id (garbage never reaches the log)."""
+    return _STREAM_ID_ONLY.fullmatch(value) is not None
 
 
 def parse_last_event_id(value: str) -> tuple[str, int] | None:
