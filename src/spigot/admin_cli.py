@@ -23,18 +23,20 @@ import click
 import orjson
 
 from spigot.metering import (
+    MAX_BIGINT,
     UNSET,
     ApiKey,
     SchemaTooNew,
     Store,
     StoreError,
+    Unset,
+    check_key_name,
     open_store,
     parse_usd,
 )
 from spigot.metering.db import is_postgres_url, sqlite_path
 from spigot.metering.durations import parse_expiry, parse_since
 from spigot.metering.records import UsageBy
-from spigot.metering.store import MAX_BIGINT, Unset
 from spigot.metering.views import USAGE_COUNTS, key_dict, key_status, since_day, usage_dict
 
 T = TypeVar("T")
@@ -172,6 +174,14 @@ def positive_int(text: str) -> int:
     if number > MAX_BIGINT:
         raise ValueError(f"expected a whole number at most {MAX_BIGINT}, got {text!r}")
     return number
+
+
+def key_name(name: str) -> str:
+    """The store's own name rule (``spigot.metering.check_key_name``), as a one-line error."""
+    try:
+        return check_key_name(name)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def model_names(text: str) -> tuple[str, ...]:
@@ -323,12 +333,13 @@ def keys_create(
     Only a hash of the secret is stored: it cannot be shown again.
     """
     limits = parse_limits(budget_usd, rpm, tpm, max_concurrent, models, expires, clearable=False)
+    name = key_name(name)  # before the database is opened (or made, for SQLite)
     with opened(db_url, must_exist=False) as store:
         try:
             key, secret = store.create_key(
                 name, admin=admin, **{field: given(value) for field, value in limits.items()}
             )
-        except ValueError as exc:  # the store's own checks: a name of digits, edge spaces
+        except ValueError as exc:  # the store's own checks, should one get past ours
             raise click.ClickException(str(exc)) from None
     click.echo(secret)
     click.echo(f"created {describe(key)}; the secret will not be shown again", err=True)
@@ -422,7 +433,7 @@ def keys_update(
         if value is not UNSET
     }
     if new_name is not None:
-        changes["name"] = new_name
+        changes["name"] = key_name(new_name)
     if admin is not None:
         changes["admin"] = admin
     if not changes:

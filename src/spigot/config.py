@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from spigot.engine.async_engine import EngineOptions
+from spigot.engine.llamacpp.engine import EngineOptions
 from spigot.guard import Policy
 from spigot.http_limits import ConnectionLimits
 from spigot.metering.prices import PriceTable
 from spigot.models import ModelSpec
+from spigot.upstream.config import ModelRoute, UpstreamConfig
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    models: tuple[ModelSpec, ...]
+    models: tuple[ModelSpec, ...]  # local GGUF models
     engine: EngineOptions = field(default_factory=EngineOptions)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -41,3 +42,8 @@ class Settings:
     redis_url: str | None = None
     # HTTP connections: how many, and how long and large a request's head and body may be.
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # Gateway mode (docs/gateway.md): other OpenAI-compatible servers, the models
+    # served from them, and upstreams whose every listed model is served (--upstream).
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    routes: tuple[ModelRoute, ...] = ()
+    discover: tuple[UpstreamConfig, ...] = ()

@@ -15,6 +15,8 @@
     ├── RateLimited                  429 rate_limit_exceeded (Retry-After)
     ├── QuotaExceeded                429 insufficient_quota
     └── Overloaded                   503 server_error (Retry-After)
+        ├── ShuttingDown             503 server_error / server_shutting_down
+        └── UpstreamUnavailable      503 server_error / upstream_unavailable
 
 Each class knows its HTTP status and OpenAI ``type``; instances carry the
 ``param`` and ``code``. ``to_body()`` is the OpenAI error object.
@@ -148,3 +150,9 @@ class ShuttingDown(Overloaded):
     """The server is stopping: new work is refused, running streams end with this."""
 
     default_code = "server_shutting_down"
+
+
+class UpstreamUnavailable(Overloaded):
+    """No engine behind a model could start the request (down, full, or failing)."""
+
+    default_code = "upstream_unavailable"

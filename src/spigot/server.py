@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -15,12 +17,14 @@ from spigot.api.metering import Metering
 from spigot.api.shutdown import Shutdown
 from spigot.api.state import RequestLimits, ServerState
 from spigot.config import Settings
-from spigot.engine.async_engine import AsyncEngine
-from spigot.engine.llamacpp import set_native_logging
+from spigot.config_file import ConfigError
+from spigot.engine.llamacpp import LlamaCppEngine, set_native_logging
+from spigot.engine.protocol import Engine
 from spigot.http_limits import fit_to_open_files, http_protocol
 from spigot.metering import open_store
 from spigot.models import OPENAI_NAME_PATTERNS, ModelRouter
 from spigot.resume import open_event_log
+from spigot.upstream import ModelRoute, Upstream, UpstreamEngine, discover_routes
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +45,24 @@ def build_state(settings: Settings) -> ServerState:
             log.info("billed %d stale reservation(s) of vanished replicas as interrupted", stale)
         metering = Metering(store, settings.prices, require_auth=settings.require_auth)
         log.info("metering: keys and ledger in %s", store.dialect)
-    engines: dict[str, AsyncEngine] = {}
+    engines: dict[str, Engine] = {}
+    # One Upstream per server, shared by the models served from it (one pool, one load).
+    upstreams = {u.name: Upstream(u) for u in (*settings.upstreams, *settings.discover)}
+    for route in _routes(settings):
+        if route.name in engines or any(s.id == route.name for s in settings.models):
+            raise ConfigError(f"the model name {route.name!r} is served twice")
+        log.info(
+            "serving %s from %s",
+            route.name,
+            ", ".join(f"{t.upstream}:{t.model}" for t in route.targets),
+        )
+        engines[route.name] = UpstreamEngine(route, upstreams)
     for spec in settings.models:
         log.info("loading %s from %s", spec.id, spec.path)
-        engines[spec.id] = AsyncEngine.load(spec.id, spec.path, settings.engine)
+        engines[spec.id] = LlamaCppEngine.load(spec.id, spec.path, settings.engine)
     aliases = dict(settings.aliases)
     if settings.openai_aliases:
-        first = settings.models[0].id
+        first = next(iter(engines))
         for pattern in OPENAI_NAME_PATTERNS:
             aliases.setdefault(pattern, first)
     if settings.guard is not None:
@@ -73,6 +88,23 @@ def build_state(settings: Settings) -> ServerState:
             else Detached(open_event_log(settings.redis_url), settings.detach_seconds)
         ),
     )
+
+
+def _routes(settings: Settings) -> list[ModelRoute]:
+    """The configured upstream models, and every model each ``--upstream URL`` lists."""
+    routes = list(settings.routes)
+    for upstream in settings.discover:
+        try:
+            found = asyncio.run(discover_routes(upstream))
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ConfigError(
+                f"--upstream {upstream.name}={upstream.base_url}: cannot list its models: {exc}"
+            ) from None
+        if not found:
+            raise ConfigError(f"--upstream {upstream.name}={upstream.base_url} lists no models")
+        log.info("%s serves %s", upstream.name, ", ".join(r.name for r in found))
+        routes += found
+    return routes
 
 
 def build_app(settings: Settings) -> FastAPI:

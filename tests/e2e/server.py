@@ -76,13 +76,14 @@ def start_server(*args: str, timeout: float = 120.0) -> RunningServer:
         # Never the default ./spigot.db: each server gets a ledger of its own.
         args = (*args, "--db", str(log.with_suffix(".db")))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "spigot", "serve", "--port", str(port), *args],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-    )
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spigot", "serve", "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
     server = RunningServer(process, port, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from benchmarks.docs import MARKERS, end_marker, start_marker
 
-from spigot.bench.docs import MARKERS, end_marker, start_marker
 from spigot.bench.load import BenchConfig, Target, run_bench
 from spigot.bench.workloads import load_workload
 from tests.e2e.server import ROOT, RunningServer, free_port
@@ -48,6 +48,17 @@ PERCENTILES = {"p50", "p90", "p99", "mean", "min", "max", "count"}
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "spigot", "bench", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+
+
+def standard(*args: str) -> subprocess.CompletedProcess[str]:
+    """``make bench``'s suite, repository tooling: run from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.standard", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -198,11 +209,11 @@ def _split(text: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def test_standard_quick_rewrites_only_its_sections(tmp_path: Path) -> None:
-    """``bench standard --quick`` on a copy of the docs: decode and prefix redrawn, prose kept."""
+    """``benchmarks.standard --quick`` on a copy of the docs: two parts redrawn, prose kept."""
     doc = tmp_path / "benchmarks.md"
     original = (ROOT / "docs" / "benchmarks.md").read_text()
     doc.write_text(original)
-    result = bench("standard", "--quick", "--only", "decode,prefix", "--out", str(doc))
+    result = standard("--quick", "--only", "decode,prefix", "--out", str(doc))
     assert result.returncode == 0, result.stderr
 
     # Every section, in the order the file has them.
@@ -216,7 +227,7 @@ def test_standard_quick_rewrites_only_its_sections(tmp_path: Path) -> None:
     for name in ("machine", "decode", "prefix"):
         assert after[name] != before[name]
     assert "| streams | bare loop tok/s | spigot serve tok/s | spigot / bare |" in after["decode"]
-    assert "spigot.bench.decode --url http://127.0.0.1:" in after["decode"]
+    assert "-m benchmarks.decode --url http://127.0.0.1:" in after["decode"]
     assert "--quick` trial run" in after["prefix"]
     assert "| cold |" in after["prefix"]
     assert "llama-cpp-python" in after["machine"]
@@ -233,7 +244,7 @@ def test_standard_quick_rewrites_only_its_sections(tmp_path: Path) -> None:
     # The results alone redraw the same document.
     drawn = doc.read_text()
     doc.write_text(original)
-    again = bench("standard", "--render-only", "--out", str(doc))
+    again = standard("--render-only", "--out", str(doc))
     assert again.returncode == 0, again.stderr
     assert doc.read_text() == drawn
 

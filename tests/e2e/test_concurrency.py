@@ -11,8 +11,11 @@ from typing import Any
 import httpx
 import openai
 import orjson
+import pytest
 
 from tests.e2e.server import RunningServer
+
+pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 

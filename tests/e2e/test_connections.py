@@ -24,6 +24,8 @@ import pytest
 from spigot.http_limits import PEER_CHECK_S
 from tests.e2e.server import RunningServer, start_server
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "smollm2-135m-instruct"
 # Small limits, so that each case takes seconds.
 TIMEOUT = 2.0

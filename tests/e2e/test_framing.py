@@ -5,8 +5,11 @@ from __future__ import annotations
 import socket
 
 import orjson
+import pytest
 
 from tests.e2e.server import RunningServer
+
+pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 

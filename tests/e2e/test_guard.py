@@ -23,6 +23,8 @@ from openai import OpenAI
 from spigot.guard import Policy, guard_stream
 from tests.e2e.server import ROOT, RunningServer, start_server
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Write a short story about a fox who finds a lost key in the forest."
 OTHER_PROMPT = "List three colours."

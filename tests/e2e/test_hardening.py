@@ -16,6 +16,8 @@ import pytest
 
 from tests.e2e.server import RunningServer, start_server
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "smollm2-135m-instruct"
 CHAT = "/chat/completions"
 COMPLETIONS = "/completions"

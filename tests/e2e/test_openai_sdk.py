@@ -9,6 +9,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.e2e.server import RunningServer
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What's 1+1? Answer in one word."}]
 

@@ -10,6 +10,8 @@ import pytest
 
 from tests.e2e.server import RunningServer
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "smollm2-135m-instruct"
 STORY = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 

@@ -14,6 +14,8 @@ from spigot.bench.load import BenchConfig, Target, run_bench
 from spigot.metering import open_store
 from tests.e2e.server import RunningServer, start_server
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "smollm2-135m-instruct"
 
 

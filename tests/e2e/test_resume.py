@@ -21,6 +21,8 @@ import pytest
 from spigot.metering import LedgerEntry, open_store
 from tests.e2e.server import RunningServer, start_server
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "smollm2-135m-instruct"
 TOKENS = 120
 REDIS = "redis://127.0.0.1:6379/0"

@@ -10,9 +10,12 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from spigot.metering import open_store
 from tests.e2e.server import start_server
+
+pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 

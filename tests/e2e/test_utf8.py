@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import httpx
 import orjson
+import pytest
 
 from tests.e2e.server import RunningServer
+
+pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = ["東京は日本の首都です。東京には", "Les élèves ont répondu: «", "🍎🍊🍋🍉🍇"]

@@ -1,7 +1,8 @@
 """A deterministic stand-in for LlamaCppModel: scripted tokens, injectable faults.
 
 For unit tests and fault injection only; every feature is also tested on the
-real model end to end.
+real model end to end. It is a ``ModelProtocol`` (checked by mypy below, and
+by ``isinstance`` in ``test_compute_thread.py``).
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
-from spigot.engine.llamacpp import Batch
-from spigot.engine.prompt_tokens import SpecialToken
+from spigot.engine.llamacpp.model import Batch
+from spigot.engine.llamacpp.prompt_tokens import SpecialToken
 from spigot.engine.types import SamplingParams
 
 EOS = 0
@@ -64,14 +67,14 @@ class FakeModel:
     now: float = 0.0
 
     def __post_init__(self) -> None:
-        self.pieces = PIECES
-        self.n_vocab = len(PIECES)
-        self.eog_ids = frozenset({EOS})
-        self.bos_id = -1
-        self.eos_id = EOS
-        self.add_bos = False
-        self.add_eos = False
-        self.batch = Batch(64)
+        self.pieces: list[bytes] = PIECES
+        self.n_vocab: int = len(PIECES)
+        self.eog_ids: frozenset[int] = frozenset({EOS})
+        self.bos_id: int = -1
+        self.eos_id: int = EOS
+        self.add_bos: bool = False
+        self.add_eos: bool = False
+        self.batch: Batch = Batch(64)
 
     def metadata(self, key: str) -> str | None:
         return None
@@ -98,7 +101,7 @@ class FakeModel:
             return 1
         return 0
 
-    def logits_row(self, batch_index: int) -> np.ndarray:
+    def logits_row(self, batch_index: int) -> npt.NDArray[np.float32]:
         return np.zeros(self.n_vocab, dtype=np.float32)
 
     def remove_sequence(self, seq_id: int, keep: int = 0) -> None:
@@ -127,3 +130,10 @@ class FakeModel:
 
     def close(self) -> None:
         pass
+
+
+if TYPE_CHECKING:
+    from spigot.engine.llamacpp.model_protocol import ModelProtocol
+
+    # mypy: the fake has every member of the protocol, with compatible types.
+    _fake_is_a_model: ModelProtocol = FakeModel()

@@ -103,3 +103,23 @@ def execute(url: str, sql: str, params: tuple[Any, ...] = ()) -> None:
         return
     with closing(sqlite3.connect(sqlite_path(url), isolation_level=None)) as conn:
         conn.execute(sql, params)
+
+
+def rows(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """What one statement on the database behind ``url`` returns (none for a write), outside
+    the store."""
+    if is_postgres_url(url):
+        with psycopg.connect(url, autocommit=True) as conn:
+            cursor = conn.execute(sql.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+    with closing(sqlite3.connect(sqlite_path(url), isolation_level=None)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database that exists but was never migrated, on each backend."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fresh.db")
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.create()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spigot.bench.docs import render_peer
+from benchmarks.docs import render_peer
+
 from spigot.bench.request import RequestResult
 from spigot.bench.stats import LevelRun, aggregate_level
 

@@ -2,7 +2,7 @@
 
 A second thread running ggml graphs makes libgomp stop spinning at barriers,
 which slows one stream by about two fifths on 2 cores (``LlamaCppModel.decode``,
-``python -m spigot.bench.omp_teams``).
+``python -m benchmarks.omp_teams``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-from spigot.engine.async_engine import AsyncEngine, EngineOptions
-from spigot.engine.llamacpp import ContextOptions, LlamaCppModel, set_native_logging
+from spigot.engine.llamacpp.engine import EngineOptions, LlamaCppEngine
+from spigot.engine.llamacpp.model import ContextOptions, LlamaCppModel, set_native_logging
+from spigot.engine.llamacpp.model_protocol import ModelProtocol
 from spigot.engine.types import GenRequest, SamplingParams
 from spigot.models import embedded_model_path
 from tests.unit.fake_model import FakeModel
@@ -49,6 +50,8 @@ def test_a_context_refuses_a_decode_from_a_second_thread() -> None:
         embedded_model_path(), ContextOptions(n_ctx=512, n_seq_max=1, n_batch=32, n_threads=2)
     )
     try:
+        # Every member the engine uses, present (mypy checks their types).
+        assert isinstance(model, ModelProtocol)
         # Both on short-lived threads, so that no OpenMP team outlives the test.
         assert on_a_thread(lambda: decode_one_token(model)) == 0
         refused = on_a_thread(lambda: decode_one_token(model))
@@ -60,28 +63,30 @@ def test_a_context_refuses_a_decode_from_a_second_thread() -> None:
 
 async def test_a_served_model_decodes_on_the_engine_thread_only() -> None:
     set_native_logging(False)
-    engine = AsyncEngine.load(
+    engine = LlamaCppEngine.load(
         "probe", embedded_model_path(), EngineOptions(n_ctx=1024, parallel=2, threads=2)
     )
-    assert engine.model.decoding_thread is None  # loading computes nothing
-    engine.start(asyncio.get_running_loop())
+    model = engine.model
+    assert isinstance(model, LlamaCppModel)
+    assert model.decoding_thread is None  # loading computes nothing
+    await engine.start()
     try:
         # The host-memory tier is sized from a probe decode, done on the engine thread.
         assert engine.core.scheduler.saved.capacity_tokens > 0
-        assert engine.model.decoding_thread == engine.core.thread_ident
+        assert model.decoding_thread == engine.core.thread_ident
         params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
-        prompt = tuple(engine.tokenize_prompt("Hello"))
+        prompt = engine.prepare_text("Hello")
         request = GenRequest(engine.new_request_id(), prompt, params)
         outputs = [o async for o in engine.submit([request])]
         assert outputs[-1].usage is not None and outputs[-1].usage.completion_tokens == 4
-        assert engine.model.decoding_thread == engine.core.thread_ident
+        assert model.decoding_thread == engine.core.thread_ident
     finally:
-        engine.stop()
+        engine.close()
 
 
 async def test_call_runs_on_the_engine_thread_and_returns_its_result_or_error() -> None:
-    engine = AsyncEngine("fake", FakeModel(), EngineOptions(n_ctx=1024, parallel=2))
-    engine.start(asyncio.get_running_loop())
+    engine = LlamaCppEngine("fake", FakeModel(), EngineOptions(n_ctx=1024, parallel=2))
+    await engine.start()
     try:
         name = await asyncio.wrap_future(engine.core.call(lambda: threading.current_thread().name))
         assert name == "spigot-engine"
@@ -94,4 +99,9 @@ async def test_call_runs_on_the_engine_thread_and_returns_its_result_or_error() 
         # The thread goes on serving after a failed call.
         assert await asyncio.wrap_future(engine.core.call(lambda: 42)) == 42
     finally:
-        engine.stop()
+        engine.close()
+
+
+def test_the_fake_model_has_every_member_of_the_model_protocol() -> None:
+    # At run time only the names are checked; mypy checks the types (fake_model.py).
+    assert isinstance(FakeModel(), ModelProtocol)

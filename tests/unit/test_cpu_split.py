@@ -1,4 +1,4 @@
-"""bench.cpu_split reads per-thread CPU time from /proc."""
+"""benchmarks.cpu_split reads per-thread CPU time from /proc."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-from spigot.bench.cpu_split import thread_cpu
+from benchmarks.cpu_split import thread_cpu
 
 
 def test_thread_cpu_sees_a_busy_thread_and_the_main_thread() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -11,46 +10,46 @@ import pytest
 
 from spigot.api.app import create_app
 from spigot.api.state import ServerState
-from spigot.engine.async_engine import AsyncEngine, EngineOptions
-from spigot.engine.types import FinishReason, GenOutput, GenRequest, SamplingParams
+from spigot.engine.llamacpp.engine import EngineOptions, LlamaCppEngine
+from spigot.engine.types import FinishReason, GenOutput, GenRequest, Prompt, SamplingParams
 from spigot.models import ModelRouter
 from tests.unit.fake_model import E_ACUTE, EOS, FakeModel, token_of
 
 
 @pytest.fixture
 async def engine_factory() -> AsyncIterator[object]:
-    engines: list[AsyncEngine] = []
+    engines: list[LlamaCppEngine] = []
 
-    def make(model: FakeModel, parallel: int = 4) -> AsyncEngine:
-        engine = AsyncEngine(
+    async def make(model: FakeModel, parallel: int = 4) -> LlamaCppEngine:
+        engine = LlamaCppEngine(
             "fake", model, EngineOptions(n_ctx=1024, parallel=parallel, max_queue=8)
         )
-        engine.start(asyncio.get_running_loop())
+        await engine.start()
         engines.append(engine)
         return engine
 
     yield make
     for engine in engines:
-        engine.stop()
+        engine.close()
 
 
 def request(
-    engine: AsyncEngine, max_tokens: int = 32, choice: int = 0, **params: object
+    engine: LlamaCppEngine, max_tokens: int = 32, choice: int = 0, **params: object
 ) -> GenRequest:
     return GenRequest(
         engine.new_request_id(),
-        (token_of("h"), token_of("i")),
+        Prompt.of_tokens((token_of("h"), token_of("i"))),
         SamplingParams(max_tokens=max_tokens, **params),  # type: ignore[arg-type]
         choice,
     )
 
 
-async def collect(engine: AsyncEngine, *requests: GenRequest) -> list[GenOutput]:
+async def collect(engine: LlamaCppEngine, *requests: GenRequest) -> list[GenOutput]:
     return [o async for o in engine.submit(list(requests))]
 
 
 async def test_scripted_text_usage_and_stop(engine_factory) -> None:
-    engine = engine_factory(FakeModel())
+    engine = await engine_factory(FakeModel())
     outputs = await collect(engine, request(engine))
     assert "".join(o.text for o in outputs) == "hello world"
     last = outputs[-1]
@@ -60,14 +59,14 @@ async def test_scripted_text_usage_and_stop(engine_factory) -> None:
 
 
 async def test_split_character_is_held_until_whole(engine_factory) -> None:
-    engine = engine_factory(FakeModel(script=[token_of("a"), *E_ACUTE, token_of("b"), EOS]))
+    engine = await engine_factory(FakeModel(script=[token_of("a"), *E_ACUTE, token_of("b"), EOS]))
     outputs = await collect(engine, request(engine))
     texts = [o.text for o in outputs if o.text]
     assert texts == ["a", "é", "b"]
 
 
 async def test_stop_string_and_length(engine_factory) -> None:
-    engine = engine_factory(FakeModel())
+    engine = await engine_factory(FakeModel())
     outputs = await collect(engine, request(engine, stop=("o w",)))
     assert "".join(o.text for o in outputs) == "hell"
     assert outputs[-1].finish_reason is FinishReason.STOP
@@ -79,7 +78,7 @@ async def test_stop_string_and_length(engine_factory) -> None:
 
 async def test_abort_reports_consumed_tokens_and_frees_the_slot(engine_factory) -> None:
     model = FakeModel(script=[token_of("x")])
-    engine = engine_factory(model, parallel=1)
+    engine = await engine_factory(model, parallel=1)
     stream = engine.submit([request(engine, max_tokens=10_000)])
     first = await anext(stream)
     assert first.text == "x"
@@ -97,7 +96,7 @@ async def test_abort_reports_consumed_tokens_and_frees_the_slot(engine_factory) 
 
 async def test_decode_failure_errors_running_sequences_then_engine_recovers(engine_factory) -> None:
     model = FakeModel(script=[token_of("x")], fail_at_step=4)
-    engine = engine_factory(model)
+    engine = await engine_factory(model)
     outputs = await collect(
         engine, request(engine, max_tokens=50), request(engine, max_tokens=50, choice=1)
     )
@@ -111,17 +110,17 @@ async def test_decode_failure_errors_running_sequences_then_engine_recovers(engi
 
 async def test_kv_pool_full_is_recovered_without_losing_anyone(engine_factory) -> None:
     model = FakeModel(full_at_step=3)
-    engine = engine_factory(model)
+    engine = await engine_factory(model)
     outputs = await collect(engine, request(engine), request(engine, choice=1))
     texts = ["".join(o.text for o in outputs if o.choice_index == i) for i in (0, 1)]
     assert texts == ["hello world", "hello world"]
     assert all(o.finish_reason is not FinishReason.ERROR for o in outputs)
 
 
-def _long_request(engine: AsyncEngine, text: str) -> GenRequest:
+def _long_request(engine: LlamaCppEngine, text: str) -> GenRequest:
     return GenRequest(
         engine.new_request_id(),
-        tuple(token_of(c) for c in text),
+        Prompt.of_tokens([token_of(c) for c in text]),
         SamplingParams(max_tokens=3),
     )
 
@@ -130,7 +129,7 @@ async def test_a_saved_prefix_is_loaded_back_and_a_failed_load_loses_nothing(
     engine_factory,
 ) -> None:
     model = FakeModel()
-    engine = engine_factory(model)
+    engine = await engine_factory(model)
     shared = "the quick brown fox jumps over the dog "
     await collect(engine, _long_request(engine, shared + "a"))
     # An unrelated prompt takes the only cached slot: the first cache is saved.
@@ -150,7 +149,7 @@ async def test_a_saved_prefix_is_loaded_back_and_a_failed_load_loses_nothing(
 
 @pytest.fixture
 async def app_client(engine_factory) -> AsyncIterator[httpx.AsyncClient]:
-    engine = engine_factory(FakeModel(script=[token_of("x")], fail_at_step=4))
+    engine = await engine_factory(FakeModel(script=[token_of("x")], fail_at_step=4))
     app = create_app(ServerState(engines={"fake": engine}, router=ModelRouter(["fake"])))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

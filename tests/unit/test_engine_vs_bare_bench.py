@@ -1,10 +1,10 @@
-"""bench.engine_vs_bare on the real embedded model: both sides decode and report a time."""
+"""benchmarks.engine_vs_bare on the real embedded model: both sides decode and report a time."""
 
 from __future__ import annotations
 
 import asyncio
 
-from spigot.bench.engine_vs_bare import compare
+from benchmarks.engine_vs_bare import compare
 
 
 def test_engine_and_bare_loop_both_report_every_round() -> None:

@@ -1,7 +1,7 @@
 """Import rules between layers, checked on the source with ``ast`` (nothing is imported).
 
 * the engine knows nothing of HTTP: no spigot.api/cli/server, fastapi, starlette, pydantic;
-* only spigot/engine/llamacpp.py talks to llama_cpp;
+* only spigot/engine/llamacpp/model.py talks to llama_cpp;
 * only spigot/api uses fastapi or starlette (spigot/server.py may name fastapi's app type).
 """
 
@@ -70,11 +70,13 @@ def violations(allowed: set[str] | None, forbidden: tuple[str, ...], scope: str 
 
 
 def test_the_walker_sees_the_package() -> None:
-    assert {"spigot", "spigot.engine.scheduler", "spigot.api.app", "spigot.server"} <= set(MODULES)
+    assert {"spigot", "spigot.engine.llamacpp.scheduler", "spigot.api.app", "spigot.server"} <= set(
+        MODULES
+    )
     # Top-level and function-level imports are both seen.
-    assert "llama_cpp" in MODULES["spigot.engine.llamacpp"]
+    assert "llama_cpp" in MODULES["spigot.engine.llamacpp.model"]
     assert "fastapi" in MODULES["spigot.api.app"]
-    assert "spigot.server" in MODULES["spigot.cli"]  # imported inside a function
+    assert "spigot.server" in MODULES["spigot.cli.serve"]  # imported inside a function
 
 
 def test_relative_imports_are_resolved() -> None:
@@ -92,7 +94,7 @@ def test_engine_does_not_import_upper_layers(forbidden: str) -> None:
 
 
 def test_only_the_llamacpp_module_imports_llama_cpp() -> None:
-    assert violations({"spigot.engine.llamacpp"}, ("llama_cpp",)) == []
+    assert violations({"spigot.engine.llamacpp.model"}, ("llama_cpp",)) == []
 
 
 def test_only_the_api_imports_starlette() -> None:
@@ -112,7 +114,7 @@ def test_rules_catch_a_violation() -> None:
         assert violations(None, ("fastapi",), scope="spigot.engine") == [
             "spigot.engine._probe imports fastapi"
         ]
-        assert violations({"spigot.engine.llamacpp"}, ("llama_cpp",)) == [
+        assert violations({"spigot.engine.llamacpp.model"}, ("llama_cpp",)) == [
             "spigot.engine._probe imports llama_cpp"
         ]
     finally:

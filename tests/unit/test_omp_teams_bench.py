@@ -1,8 +1,8 @@
-"""bench.omp_teams on the real embedded model: every scenario decodes in its own process."""
+"""benchmarks.omp_teams on the real embedded model: every scenario decodes in its own process."""
 
 from __future__ import annotations
 
-from spigot.bench.omp_teams import SCENARIOS, compare
+from benchmarks.omp_teams import SCENARIOS, compare
 
 
 def test_every_scenario_reports_a_speed_for_every_round() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spigot.engine.output import StopMatcher, StopResult, TextAssembler, Utf8Assembler
+from spigot.engine.llamacpp.output import StopMatcher, StopResult, TextAssembler, Utf8Assembler
 
 T = TypeVar("T", str, bytes)
 

@@ -1,4 +1,4 @@
-"""The pure parts of spigot.bench.peers: where things go and the peer command lines.
+"""The pure parts of benchmarks.peers: where things go and the peer command lines.
 
 Nothing is built or started here.
 """
@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from spigot.bench import peers
+from benchmarks import peers
 
 MODEL = Path("/models/m.gguf")
 
@@ -91,7 +90,7 @@ def test_compiled_features() -> None:
 
 
 def test_the_no_amx_build_asks_only_for_extensions_the_cpu_has() -> None:
-    from spigot.bench.peers import no_amx_cmake_args
+    from benchmarks.peers import no_amx_cmake_args
 
     plain = no_amx_cmake_args(frozenset({"avx2", "fma", "f16c"}))
     assert "AVX512" not in plain and "AMX" not in plain

@@ -6,7 +6,6 @@ CONTROL), except the user-defined and strip cases, which it has none of.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 import time
@@ -17,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from spigot.engine.async_engine import AsyncEngine, EngineOptions
-from spigot.engine.llamacpp import LlamaCppModel, set_native_logging
-from spigot.engine.prompt_tokens import PromptTokenizer, SpecialToken
+from spigot.engine.llamacpp.engine import EngineOptions, LlamaCppEngine
+from spigot.engine.llamacpp.model import LlamaCppModel, set_native_logging
+from spigot.engine.llamacpp.prompt_tokens import PromptTokenizer, SpecialToken
 from spigot.engine.types import GenRequest, SamplingParams
 from spigot.models import embedded_model_path
 
@@ -45,9 +44,9 @@ CONVERSATIONS: list[list[dict[str, Any]]] = [
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[AsyncEngine]:
+def engine() -> Iterator[LlamaCppEngine]:
     set_native_logging(False)
-    engine = AsyncEngine.load(
+    engine = LlamaCppEngine.load(
         "probe", embedded_model_path(), EngineOptions(n_ctx=1024, parallel=2, threads=2)
     )
     try:
@@ -57,13 +56,13 @@ def engine() -> Iterator[AsyncEngine]:
 
 
 @pytest.fixture(scope="module")
-def trusting(engine: AsyncEngine) -> AsyncEngine:
+def trusting(engine: LlamaCppEngine) -> LlamaCppEngine:
     """The same model, with --special-tokens-in-content."""
     options = replace(engine.options, special_tokens_in_content=True)
-    return AsyncEngine(engine.model_id, engine.model, options)
+    return LlamaCppEngine(engine.model_id, engine.model, options)
 
 
-def render(engine: AsyncEngine, messages: list[dict[str, Any]]) -> str:
+def render(engine: LlamaCppEngine, messages: list[dict[str, Any]]) -> str:
     return engine.chat_template.render(messages, add_generation_prompt=True)
 
 
@@ -75,25 +74,25 @@ def llama_ids(model: LlamaCppModel, text: str, *, add_special: bool = False) -> 
 _specials: dict[int, str] = {}
 
 
-def specials_of(engine: AsyncEngine) -> dict[int, str]:
+def specials_of(engine: LlamaCppEngine) -> dict[int, str]:
     """Special token ids and texts (read once: it asks llama.cpp about every token)."""
     if not _specials:
         _specials.update((s.id, s.text) for s in engine.model.special_tokens())
     return _specials
 
 
-def special_ids(engine: AsyncEngine) -> set[int]:
+def special_ids(engine: LlamaCppEngine) -> set[int]:
     return set(specials_of(engine))
 
 
-def as_text(engine: AsyncEngine, ids: list[int]) -> str:
+def as_text(engine: LlamaCppEngine, ids: list[int]) -> str:
     """The text of tokens, special tokens spelled out."""
     texts = specials_of(engine)
     pieces = engine.model.pieces
     return b"".join(texts[t].encode() if t in texts else pieces[t] for t in ids).decode()
 
 
-def test_the_embedded_models_specials_are_control_tokens(engine: AsyncEngine) -> None:
+def test_the_embedded_models_specials_are_control_tokens(engine: LlamaCppEngine) -> None:
     specials = engine.model.special_tokens()
     assert len(specials) == 17
     assert all(s.control and not s.lstrip and not s.rstrip for s in specials)
@@ -109,14 +108,14 @@ def test_the_embedded_models_specials_are_control_tokens(engine: AsyncEngine) ->
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 def test_chat_tokens_are_llama_cpps_tokens_of_the_rendered_conversation(
-    engine: AsyncEngine, trusting: AsyncEngine, conversation: list[dict[str, Any]]
+    engine: LlamaCppEngine, trusting: LlamaCppEngine, conversation: list[dict[str, Any]]
 ) -> None:
     expected = llama_ids(engine.model, render(engine, conversation))
-    assert engine.chat_tokens(conversation) == expected
-    assert trusting.chat_tokens(conversation) == expected
+    assert list(engine.prepare_chat(conversation).token_ids) == expected
+    assert list(trusting.prepare_chat(conversation).token_ids) == expected
 
 
-def test_with_specials_in_content_the_tokens_are_llama_cpps(trusting: AsyncEngine) -> None:
+def test_with_specials_in_content_the_tokens_are_llama_cpps(trusting: LlamaCppEngine) -> None:
     texts = trusting.prompt_tokenizer.protected_texts
     conversations = [
         [{"role": "user", "content": INJECTION}],
@@ -126,13 +125,15 @@ def test_with_specials_in_content_the_tokens_are_llama_cpps(trusting: AsyncEngin
     ]
     for conversation in conversations:
         rendered = render(trusting, conversation)
-        assert trusting.chat_tokens(conversation) == llama_ids(trusting.model, rendered)
+        assert list(trusting.prepare_chat(conversation).token_ids) == llama_ids(
+            trusting.model, rendered
+        )
 
 
-def test_special_text_in_messages_is_plain_text(engine: AsyncEngine) -> None:
+def test_special_text_in_messages_is_plain_text(engine: LlamaCppEngine) -> None:
     texts = engine.prompt_tokenizer.protected_texts
     content = INJECTION + "".join(f" x{t}y" for t in texts)
-    benign = engine.chat_tokens([{"role": "user", "content": "x"}])
+    benign = list(engine.prepare_chat([{"role": "user", "content": "x"}]).token_ids)
     for message in (
         {"role": "user", "content": content},
         {"role": "system", "content": content},
@@ -141,9 +142,11 @@ def test_special_text_in_messages_is_plain_text(engine: AsyncEngine) -> None:
         conversation = [{"role": "user", "content": "hi"}, message]
         if message["role"] == "system":
             conversation = [message, {"role": "user", "content": "hi"}]
-        ids = engine.chat_tokens(conversation)
-        template_only = engine.chat_tokens(
-            [{**m, "content": "x"} if m is message else m for m in conversation]
+        ids = list(engine.prepare_chat(conversation).token_ids)
+        template_only = list(
+            engine.prepare_chat(
+                [{**m, "content": "x"} if m is message else m for m in conversation]
+            ).token_ids
         )
         specials = special_ids(engine)
         # Only the template's own turn markers are special tokens...
@@ -167,15 +170,15 @@ def test_special_text_in_messages_is_plain_text(engine: AsyncEngine) -> None:
     ],
 )
 def test_text_that_looks_like_an_escape_comes_through_unchanged(
-    engine: AsyncEngine, content: str
+    engine: LlamaCppEngine, content: str
 ) -> None:
     conversation = [{"role": "user", "content": content}]
-    ids = engine.chat_tokens(conversation)
+    ids = list(engine.prepare_chat(conversation).token_ids)
     assert as_text(engine, ids) == render(engine, conversation)
     assert [t for t in ids if t in special_ids(engine)] == [1, 2, 1, 2, 1]
 
 
-def test_raw_prompts_are_llama_cpps_tokens(engine: AsyncEngine) -> None:
+def test_raw_prompts_are_llama_cpps_tokens(engine: LlamaCppEngine) -> None:
     """``tokenize_prompt`` parses specials (completions prompts are raw model input)."""
     texts = engine.prompt_tokenizer.protected_texts
     pieces = [
@@ -210,7 +213,7 @@ def test_raw_prompts_are_llama_cpps_tokens(engine: AsyncEngine) -> None:
 
 
 @pytest.fixture
-def tokenize_calls(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+def tokenize_calls(engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """The ``parse_special`` of every llama.cpp tokenize call from now on."""
     calls: list[bool] = []
     original = engine.model.tokenize
@@ -224,12 +227,12 @@ def tokenize_calls(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> list
 
 
 def test_llama_cpp_never_parses_specials_so_no_quadratic_work(
-    engine: AsyncEngine, tokenize_calls: list[bool]
+    engine: LlamaCppEngine, tokenize_calls: list[bool]
 ) -> None:
     """llama.cpp's special parsing is quadratic in the specials in a text; it is never used."""
     flood = "<|im_end|>" * 80000  # 781 KiB, froze a server for 35 s
     conversation = [{"role": "user", "content": flood}]
-    ids = engine.chat_tokens(conversation)
+    ids = list(engine.prepare_chat(conversation).token_ids)
     assert ids.count(2) == 2  # the template's two <|im_end|>, none of the message's
     assert as_text(engine, ids) == render(engine, conversation)
     assert not any(tokenize_calls)
@@ -242,26 +245,28 @@ def test_llama_cpp_never_parses_specials_so_no_quadratic_work(
     assert len(tokenize_calls) <= 4  # each distinct fragment once
 
 
-def test_many_special_tokens_take_linear_time(engine: AsyncEngine) -> None:
+def test_many_special_tokens_take_linear_time(engine: LlamaCppEngine) -> None:
     """A wide margin: llama.cpp's own parsing takes ~30 s for the message here, we take <1 s."""
     conversation = [{"role": "user", "content": "a<|im_end|>" * 40000}]
     started = time.perf_counter()
-    ids = engine.chat_tokens(conversation)
+    ids = list(engine.prepare_chat(conversation).token_ids)
     assert time.perf_counter() - started < 8
     assert ids.count(2) == 2
 
 
-async def test_tokenizing_from_threads_while_the_engine_decodes(engine: AsyncEngine) -> None:
-    served = AsyncEngine(engine.model_id, engine.model, replace(engine.options))
+async def test_tokenizing_from_threads_while_the_engine_decodes(engine: LlamaCppEngine) -> None:
+    served = LlamaCppEngine(engine.model_id, engine.model, replace(engine.options))
     inputs = [[{"role": "user", "content": INJECTION * n}] for n in range(1, 9)]
-    served.start(asyncio.get_running_loop())
+    await served.start()
     try:
         params = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0)
-        request = GenRequest(served.new_request_id(), tuple(served.tokenize_prompt("Hi")), params)
+        request = GenRequest(served.new_request_id(), served.prepare_text("Hi"), params)
         stream = served.submit([request])
 
         def work(conversation: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-            return served.chat_tokens(conversation), served.tokenize_prompt(INJECTION)
+            return list(served.prepare_chat(conversation).token_ids), served.tokenize_prompt(
+                INJECTION
+            )
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(work, c) for c in inputs * 4]

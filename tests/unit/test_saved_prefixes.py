@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spigot.engine.saved_prefixes import SavedPrefixes
+from spigot.engine.llamacpp.saved_prefixes import SavedPrefixes
 
 
 def test_the_longest_shared_prefix_wins() -> None:

@@ -9,21 +9,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spigot.engine.saved_prefixes import common_prefix_length
-from spigot.engine.scheduler import (
+from spigot.engine.llamacpp.prefix_cache import (
     MIN_SAVED_TOKENS,
-    Chunk,
     DropKV,
     ForgetKV,
     LoadKV,
     SaveKV,
+)
+from spigot.engine.llamacpp.saved_prefixes import common_prefix_length
+from spigot.engine.llamacpp.scheduler import (
+    Chunk,
     Scheduler,
     SchedulerConfig,
     SeqStatus,
     Sequence,
     StepPlan,
 )
-from spigot.engine.types import FinishReason, GenRequest, SamplingParams
+from spigot.engine.types import FinishReason, GenRequest, Prompt, SamplingParams
 
 _ids = itertools.count()
 
@@ -31,7 +33,9 @@ _ids = itertools.count()
 def make_seq(num_prompt: int, max_tokens: int = 1000, request_id: str | None = None) -> Sequence:
     rid = request_id if request_id is not None else f"req-{next(_ids)}"
     prompt = tuple(range(100, 100 + num_prompt))
-    return Sequence.from_request(GenRequest(rid, prompt, SamplingParams(max_tokens=max_tokens)))
+    return Sequence.from_request(
+        GenRequest(rid, Prompt.of_tokens(prompt), SamplingParams(max_tokens=max_tokens))
+    )
 
 
 def make_scheduler(
@@ -554,7 +558,9 @@ def _run_to_finish(sched: Scheduler, seq: Sequence, outputs: int = 1) -> None:
 
 def _prompted(tokens: list[int], request_id: str, scope: str = "") -> Sequence:
     return Sequence.from_request(
-        GenRequest(request_id, tuple(tokens), SamplingParams(max_tokens=8), cache_scope=scope)
+        GenRequest(
+            request_id, Prompt.of_tokens(tokens), SamplingParams(max_tokens=8), cache_scope=scope
+        )
     )
 
 
@@ -779,10 +785,10 @@ def test_finished_sequences_leave_only_the_newest_cache_beyond_the_budget() -> N
         run_step(sched)
         for seq in seqs:
             sched.finish(seq, FinishReason.STOP)
-        cached = [slot for slot in sched._free if slot.cached]
+        cached = sched.prefix_cache.cached_slots()
         assert len(cached) == kept, budget
         assert sched.kv_cached() == 11 * kept  # prompt plus the one token fed back
-        newest = sched._slots[seqs[-1].slot]
+        newest = sched.prefix_cache.slot(seqs[-1].slot)
         assert newest.cached == seqs[-1].tokens[:11]
         dropped = {slot for slot, keep in sched.take_kv_ops() if keep == 0}
         assert dropped == {s.slot for s in seqs[: 3 - kept]}

@@ -9,7 +9,7 @@ from spigot.api.chat import ChatChunks
 from spigot.api.shutdown import Shutdown
 from spigot.api.state import RequestRecord, ServerState
 from spigot.api.streaming import StreamedRequest
-from spigot.engine.async_engine import RequestStream
+from spigot.engine.stream import RequestStream
 from spigot.engine.types import FinishReason, GenOutput, Usage
 
 
@@ -20,7 +20,7 @@ class AbortingEngine:
 
     def abort(self, request_id: str) -> None:
         last = GenOutput(0, "", finish_reason=FinishReason.ABORT, usage=Usage(3, 1))
-        asyncio.get_running_loop().call_soon(self.stream._deliver, request_id, last)
+        asyncio.get_running_loop().call_soon(self.stream.deliver, request_id, last)
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Sequence:
 
 def streamed_request(grace: float) -> tuple[StreamedRequest, RequestStream, ServerState]:
     engine = AbortingEngine()
-    stream = RequestStream(engine, [Sequence()])  # type: ignore[arg-type,list-item]
+    stream = RequestStream([Sequence()], engine.abort)  # type: ignore[list-item]
     engine.stream = stream
     state = ServerState(engines={}, router=None, observers=[])  # type: ignore[arg-type]
     state.shutdown = Shutdown(grace=grace)
@@ -49,7 +49,7 @@ def streamed_request(grace: float) -> tuple[StreamedRequest, RequestStream, Serv
 
 async def test_an_interrupted_stream_ends_with_the_error_and_no_abort_reason() -> None:
     request, stream, state = streamed_request(grace=0.01)
-    stream._deliver("r0", GenOutput(0, "Hi"))
+    stream.deliver("r0", GenOutput(0, "Hi"))
     state.shutdown.begin()
     events = [event async for event in request.events()]
     assert b'"abort"' not in b"".join(events)  # not a wire finish reason
@@ -60,7 +60,7 @@ async def test_an_interrupted_stream_ends_with_the_error_and_no_abort_reason() -
 async def test_a_stream_that_already_ended_is_not_reported_as_interrupted() -> None:
     request, stream, state = streamed_request(grace=0.0)
     done = GenOutput(0, "Hi", finish_reason=FinishReason.STOP, usage=Usage(3, 1))
-    stream._deliver("r0", done)
+    stream.deliver("r0", done)
     events = []
     async for event in request.events():
         events.append(event)

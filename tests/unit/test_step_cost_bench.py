@@ -1,8 +1,8 @@
-"""bench.step_cost on the real embedded model: its steps decode and its KV bookkeeping holds."""
+"""benchmarks.step_cost on the real embedded model: its steps decode, its KV bookkeeping holds."""
 
 from __future__ import annotations
 
-from spigot.bench.step_cost import STREAM_DEPTH, Bench
+from benchmarks.step_cost import STREAM_DEPTH, Bench
 
 
 def test_decode_steps_leave_the_streams_as_they_were() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from spigot.engine.core import FALLBACK_PREFILL_TOKENS, EngineCore
-from spigot.engine.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
-from spigot.engine.step_costs import StepCosts
-from spigot.engine.types import GenRequest, SamplingParams
+from spigot.engine.llamacpp.core import FALLBACK_PREFILL_TOKENS, EngineCore
+from spigot.engine.llamacpp.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
+from spigot.engine.llamacpp.step_costs import StepCosts
+from spigot.engine.types import GenRequest, Prompt, SamplingParams
 from tests.unit.fake_model import FakeModel, token_of
 
 
@@ -119,7 +119,7 @@ def _engine(model: FakeModel, slowdown: float) -> tuple[EngineCore, list[StepPla
 
 def _request(request_id: str, prompt_len: int) -> GenRequest:
     params = SamplingParams(max_tokens=200, ignore_eos=True)
-    return GenRequest(request_id, (token_of("a"),) * prompt_len, params, 0)
+    return GenRequest(request_id, Prompt.of_tokens((token_of("a"),) * prompt_len), params, 0)
 
 
 def _prompt_chunks(plans: list[StepPlan], request_id: str) -> list[int]:

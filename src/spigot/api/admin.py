@@ -38,17 +38,18 @@ from spigot.errors import (
     SpigotError,
 )
 from spigot.metering import (
+    MAX_BIGINT,
     ApiKey,
     DuplicateKeyName,
     KeyNotFound,
     Store,
     StoreError,
     StoreUnavailable,
+    check_key_name,
     parse_usd,
 )
 from spigot.metering.durations import parse_duration, parse_instant, parse_since
 from spigot.metering.records import UsageBy, utcnow
-from spigot.metering.store import MAX_BIGINT
 from spigot.metering.views import key_dict, usage_dict
 
 router = APIRouter(prefix="/admin")
@@ -203,14 +204,12 @@ def _limits(body: _KeyFields, given: set[str]) -> dict[str, Any]:
 
 
 def _name(value: object) -> str:
-    # The store's rules, told with a param: names and ids share the URL's {id_or_name}.
-    if not isinstance(value, str) or not value or value != value.strip():
-        raise InvalidRequest(
-            "A key name must be a non-empty string without edge spaces.", param="name"
-        )
-    if value.isdigit():
-        raise InvalidRequest("A key name cannot be only digits.", param="name")
-    return value
+    """The store's own name rule (names and ids share the URL's {id_or_name}), told as a 400
+    naming the param rather than call()'s generic one."""
+    try:
+        return check_key_name(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid value for 'name': {exc}.", param="name") from None
 
 
 def _one(key: ApiKey | None, id_or_name: str, param: str = "id_or_name") -> ApiKey:

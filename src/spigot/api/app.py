@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +21,8 @@ from spigot.api.openapi import install_openapi
 from spigot.api.responses import error_response, json_response
 from spigot.api.state import ServerState
 from spigot.api.streaming import ClientDisconnected
-from spigot.errors import InvalidRequest, NotFound, Overloaded, SpigotError
+from spigot.engine.protocol import EngineRefused, EngineUnavailable
+from spigot.errors import InvalidRequest, NotFound, Overloaded, SpigotError, UpstreamUnavailable
 from spigot.metering import StoreError
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,22 @@ async def _spigot_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def _engine_refused(request: Request, exc: Exception) -> Response:
+    # An upstream's own error before any output (its 400 on a parameter it checks,
+    # its 429): the client gets it as the upstream sent it.
+    assert isinstance(exc, EngineRefused)
+    log.info("%s: the engine answered %d", request.state.request_id, exc.status)
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "retry-after"}
+    return json_response(exc.body, status=exc.status, headers=headers)
+
+
+async def _engine_unavailable(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EngineUnavailable)
+    error = UpstreamUnavailable(str(exc), retry_after=exc.retry_after)
+    log.warning("%s: %s", request.state.request_id, error.message)
+    return error_response(error)
+
+
 async def _client_left(request: Request, exc: Exception) -> Response:
     # Nobody is there to read it; generation was aborted and usage recorded already.
     log.info("%s: the client left before the response", request.state.request_id)
@@ -115,11 +131,10 @@ EXPOSED_HEADERS = [
 def create_app(state: ServerState, *, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
         if state.detached is not None:
             await state.detached.events.ping()  # a wrong --redis fails before loading
         for engine in state.engines.values():
-            engine.start(loop)
+            await engine.start()
         try:
             yield
         finally:
@@ -127,7 +142,7 @@ def create_app(state: ServerState, *, cors_origins: tuple[str, ...] = ()) -> Fas
                 # Detached streams end within the grace period (interrupted, billed).
                 await state.detached.close(within=state.shutdown.grace + 10)
             for engine in state.engines.values():
-                engine.stop()
+                await engine.stop()
             state.prep.close()
 
     app = FastAPI(
@@ -164,6 +179,8 @@ def create_app(state: ServerState, *, cors_origins: tuple[str, ...] = ()) -> Fas
     app.add_exception_handler(SpigotError, _spigot_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(StoreError, _store_error)
+    app.add_exception_handler(EngineRefused, _engine_refused)
+    app.add_exception_handler(EngineUnavailable, _engine_unavailable)
     app.add_exception_handler(ClientDisconnected, _client_left)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     if cors_origins:

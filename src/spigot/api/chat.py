@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter
@@ -10,22 +10,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from spigot.api import unsupported
-from spigot.api.detach import stream_response
-from spigot.api.generation import Prepared, cache_scope, start_generation
-from spigot.api.guarding import check_logprobs, guard_inputs, output_guard
-from spigot.api.metering import authorize
-from spigot.api.responses import json_response
+from spigot.api.generation import JobContext, Prepared, serve_generation
+from spigot.api.guarding import guard_inputs
 from spigot.api.schemas import ChatCompletionRequest
-from spigot.api.state import (
-    ServerState,
-    check_choices,
-    new_id,
-    parse_body,
-    resolve_max_tokens,
-)
-from spigot.api.streaming import StreamedRequest, abandon, collect, finish_reason_of, usage_body
-from spigot.api.streams import resume_if_asked
-from spigot.engine.chat_template import ChatTemplateError
+from spigot.api.state import resolve_max_tokens
+from spigot.api.streaming import finish_reason_of, with_extras
+from spigot.engine.protocol import Engine, PromptError
 from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
 from spigot.errors import InvalidRequest
 
@@ -77,7 +67,9 @@ class ChatChunks:
 
     def content(self, output: GenOutput) -> dict[str, Any]:
         logprobs = chat_logprobs(output.logprobs) if self._with_logprobs else None
-        return self._chunk(output.choice_index, {"content": output.text}, logprobs, None)
+        delta = {"content": output.text} if output.text else {}
+        chunk = self._chunk(output.choice_index, delta, logprobs, None)
+        return with_extras(chunk, delta, output)
 
     def finish(self, output: GenOutput) -> dict[str, Any]:
         assert output.finish_reason is not None
@@ -87,38 +79,38 @@ class ChatChunks:
         return {**self._head, "choices": [], "usage": usage}
 
 
-@router.post("/v1/chat/completions")
-async def create_chat_completion(request: Request) -> Response:
-    state: ServerState = request.app.state.spigot
-    key = await authorize(request)
-    if (resumed := await resume_if_asked(request, state, key)) is not None:
-        return resumed
-    body = await parse_body(request, ChatCompletionRequest, unsupported.CHAT)
-    body.check()
-    engine = state.engine_for(body.model)
-    n = body.choices
-    check_choices(engine, n)
-    check_logprobs(state.guard, bool(body.logprobs), param="logprobs")
-    request_id = request.state.request_id
-    scope = cache_scope(key)
+class ChatJob:
+    """POST /v1/chat/completions over the shared pipeline (``generation.py``)."""
 
-    def prepare() -> Prepared:
+    endpoint = "chat"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, body: ChatCompletionRequest, engine: Engine, context: JobContext) -> None:
+        self._body = body
+        self._engine = engine
+        self._context = context
+        self.n = self.sequences = body.choices
+        self.wants_logprobs = bool(body.logprobs)
+
+    def prepare(self) -> Prepared:
+        body, engine, context = self._body, self._engine, self._context
+        state = context.state
         messages = [m.for_template() for m in body.messages]
         contents = guard_inputs(
             state.guard,
             state.guard_counters,
-            request_id,
+            context.request_id,
             [m["content"] for m in messages],
             param="messages",
         )
         for message, content in zip(messages, contents, strict=True):
             message["content"] = content
         try:
-            prompt = tuple(engine.chat_tokens(messages))
-        except ChatTemplateError as exc:
+            prompt = engine.prepare_chat(messages)
+        except PromptError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
-        max_tokens = resolve_max_tokens(
-            engine, len(prompt), body.requested_max_tokens, param="messages"
+        max_tokens, given = resolve_max_tokens(
+            engine, prompt, body.requested_max_tokens, param="messages"
         )
         requests = [
             GenRequest(
@@ -126,75 +118,57 @@ async def create_chat_completion(request: Request) -> Response:
                 prompt,
                 body.to_sampling_params(
                     max_tokens=max_tokens,
+                    max_tokens_given=given,
                     vocab_size=engine.vocab_size,
                     logprobs=body.logprobs_count,
                     choice=i,
                 ),
                 i,
-                cache_scope=scope,
+                cache_scope=context.cache_scope,
             )
-            for i in range(n)
+            for i in range(self.n)
         ]
-        return Prepared(requests, len(prompt), max_tokens * n)
+        return Prepared(requests, (prompt.token_count,), max_tokens * self.n)
 
-    started = await start_generation(
-        request,
-        key=key,
-        engine=engine,
-        endpoint="chat",
-        streamed=bool(body.stream),
-        n=n,
-        sequences=n,
-        prepare=prepare,
-    )
-    stream, record, headers = started.stream, started.record, started.headers
-    completion_id = new_id("chatcmpl")
-    created = int(time.time())
-    try:
-        # Output rules may run plug-in code: a failure must not leave the request running.
-        guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, n)
-    except BaseException:
-        await abandon(state, stream, record)
-        raise
-    if body.stream:
-        fmt = ChatChunks(completion_id, created, engine.model_id, bool(body.logprobs))
-        streamed = StreamedRequest(
-            state=state,
-            stream=stream,
-            fmt=fmt,
-            record=record,
-            choices=n,
-            include_usage=body.include_usage,
-            guard=guard,
-        )
-        return await stream_response(state.detached, streamed, scope, headers)
+    def preamble(self) -> Sequence[GenOutput]:
+        return ()
 
-    per_choice = await collect(
-        request=request, state=state, stream=stream, record=record, choices=n, guard=guard
-    )
-    choices = []
-    for i, outputs in enumerate(per_choice):
-        logprobs = [e for o in outputs for e in o.logprobs]
-        choices.append(
-            {
-                "index": i,
-                "message": {
-                    "role": "assistant",
-                    "content": "".join(o.text for o in outputs),
-                    "refusal": None,
-                },
-                "logprobs": chat_logprobs(logprobs) if body.logprobs else None,
-                "finish_reason": finish_reason_of(outputs),
-            }
-        )
-    return json_response(
-        {
+    def chunks(self, completion_id: str, created: int, model: str) -> ChatChunks:
+        return ChatChunks(completion_id, created, model, self.wants_logprobs)
+
+    def body(
+        self,
+        per_choice: list[list[GenOutput]],
+        completion_id: str,
+        created: int,
+        model: str,
+        usage: dict[str, Any],
+    ) -> dict[str, Any]:
+        choices = []
+        for i, outputs in enumerate(per_choice):
+            logprobs = [e for o in outputs for e in o.logprobs]
+            choices.append(
+                {
+                    "index": i,
+                    "message": {
+                        "role": "assistant",
+                        "content": "".join(o.text for o in outputs),
+                        "refusal": None,
+                    },
+                    "logprobs": chat_logprobs(logprobs) if self.wants_logprobs else None,
+                    "finish_reason": finish_reason_of(outputs),
+                }
+            )
+        return {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
-            "model": engine.model_id,
+            "model": model,
             "choices": choices,
-            "usage": usage_body(record),
-        },
-        headers=headers,
-    )
+            "usage": usage,
+        }
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request) -> Response:
+    return await serve_generation(request, ChatCompletionRequest, unsupported.CHAT, ChatJob)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,23 +11,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from spigot.api import unsupported
-from spigot.api.detach import stream_response
-from spigot.api.generation import Prepared, cache_scope, start_generation
-from spigot.api.guarding import check_logprobs, guard_inputs, output_guard
-from spigot.api.metering import authorize
-from spigot.api.responses import json_response
+from spigot.api.generation import JobContext, Prepared, serve_generation
+from spigot.api.guarding import guard_inputs
 from spigot.api.schemas import CompletionRequest
-from spigot.api.state import (
-    ServerState,
-    check_choices,
-    new_id,
-    parse_body,
-    resolve_max_tokens,
-)
-from spigot.api.streaming import StreamedRequest, abandon, collect, finish_reason_of, usage_body
-from spigot.api.streams import resume_if_asked
-from spigot.engine.async_engine import AsyncEngine
-from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
+from spigot.api.state import resolve_max_tokens
+from spigot.api.streaming import finish_reason_of, with_extras
+from spigot.engine.protocol import Engine, PromptError
+from spigot.engine.types import GenOutput, GenRequest, Prompt, TokenLogprob
 from spigot.errors import InvalidRequest
 
 router = APIRouter()
@@ -35,8 +25,8 @@ router = APIRouter()
 
 @dataclass(slots=True)
 class _Prompt:
-    token_ids: tuple[int, ...]
-    text: str  # what the model sees (after input rules), and what echo sends
+    prompt: Prompt
+    text: str | None  # what the model sees (after input rules), and what echo sends
 
 
 class LogprobsWriter:
@@ -94,7 +84,8 @@ class CompletionChunks:
         logprobs = None
         if self._logprobs is not None:
             logprobs = self._logprobs.build(output.choice_index, output.logprobs)
-        return self._chunk(output.choice_index, output.text, logprobs, None)
+        chunk = self._chunk(output.choice_index, output.text, logprobs, None)
+        return with_extras(chunk, chunk["choices"][0], output)
 
     def finish(self, output: GenOutput) -> dict[str, Any]:
         assert output.finish_reason is not None
@@ -104,61 +95,88 @@ class CompletionChunks:
         return {**self._head, "choices": [], "usage": usage}
 
 
-def _prepare_prompts(
-    engine: AsyncEngine, body: CompletionRequest, state: ServerState, request_id: str
-) -> list[_Prompt]:
-    tokens: list[tuple[int, ...] | None] = []
-    texts: list[str] = []
+def _prepare_prompts(body: CompletionRequest, engine: Engine, context: JobContext) -> list[_Prompt]:
+    """Each prompt as the engine will see it, after the input rules.
+
+    Token-id prompts are shown to the input rules as their text where the
+    engine tokenizes here; where it does not, they cannot be checked, so a
+    server with input rules refuses them rather than let them pass unseen.
+    """
+    state = context.state
+    given: list[Prompt | None] = []
+    texts: list[str | None] = []
     for i, p in enumerate(body.prompts()):
         if isinstance(p, str):
-            tokens.append(None)
+            given.append(None)
             texts.append(p)
             continue
-        bad = next((t for t in p if not 0 <= t < engine.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"Invalid token id {bad} in 'prompt'.", param="prompt")
         if not p:
             raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")
-        tokens.append(tuple(p))
-        texts.append(engine.detokenize(p))
-    checked = guard_inputs(state.guard, state.guard_counters, request_id, texts, param="prompt")
+        try:
+            prompt = engine.prepare_token_ids(p)
+        except PromptError as exc:
+            message = str(exc).rstrip(".")
+            raise InvalidRequest(f"{message} in 'prompt'.", param="prompt") from None
+        given.append(prompt)
+        texts.append(engine.detokenize(p) if engine.tokenizes_locally else None)
+    if None in texts and (body.echo or (state.guard is not None and state.guard.input)):
+        raise InvalidRequest(
+            "Token-id prompts cannot be echoed or checked by this server's input rules on "
+            f"model '{engine.model_id}'; send the prompt as text.",
+            param="prompt",
+        )
+    checked = iter(
+        guard_inputs(
+            state.guard,
+            state.guard_counters,
+            context.request_id,
+            [t for t in texts if t is not None],
+            param="prompt",
+        )
+    )
     prompts: list[_Prompt] = []
-    for token_ids, text, seen in zip(tokens, texts, checked, strict=True):
-        if token_ids is None or seen != text:  # a string, or tokens an input rule rewrote
-            token_ids = tuple(engine.tokenize_prompt(seen))
-        prompts.append(_Prompt(token_ids, seen))
+    for prompt, text in zip(given, texts, strict=True):
+        seen = None if text is None else next(checked)
+        if prompt is None or (seen is not None and seen != text):
+            # A string, or tokens an input rule rewrote.
+            assert seen is not None
+            try:
+                prompt = engine.prepare_text(seen)
+            except PromptError as exc:
+                raise InvalidRequest(str(exc), param="prompt") from None
+        prompts.append(_Prompt(prompt, seen))
     return prompts
 
 
-@router.post("/v1/completions")
-async def create_completion(request: Request) -> Response:
-    state: ServerState = request.app.state.spigot
-    key = await authorize(request)
-    if (resumed := await resume_if_asked(request, state, key)) is not None:
-        return resumed
-    body = await parse_body(request, CompletionRequest, unsupported.COMPLETIONS)
-    body.check()
-    engine = state.engine_for(body.model)
-    n = body.choices
-    check_logprobs(state.guard, body.logprobs is not None, param="logprobs")
-    total = n * len(body.prompts())
-    check_choices(engine, total)
-    request_id = request.state.request_id
-    scope = cache_scope(key)
-    prompts: list[_Prompt] = []
+class CompletionJob:
+    """POST /v1/completions over the shared pipeline (``generation.py``)."""
 
-    def prepare() -> Prepared:
-        prompts.extend(_prepare_prompts(engine, body, state, request_id))
+    endpoint = "completions"
+    id_prefix = "cmpl"
+
+    def __init__(self, body: CompletionRequest, engine: Engine, context: JobContext) -> None:
+        self._body = body
+        self._engine = engine
+        self._context = context
+        self.n = body.choices
+        self.sequences = self.n * len(body.prompts())
+        self.wants_logprobs = body.logprobs is not None
+        self._prompts: list[_Prompt] = []
+
+    def prepare(self) -> Prepared:
+        body, engine, n = self._body, self._engine, self.n
+        self._prompts = _prepare_prompts(body, engine, self._context)
         requests: list[GenRequest] = []
         max_completion_tokens = 0
-        for p_index, prompt in enumerate(prompts):
-            max_tokens = resolve_max_tokens(
-                engine, len(prompt.token_ids), body.requested_max_tokens, param="prompt"
+        for p_index, prompt in enumerate(self._prompts):
+            max_tokens, given = resolve_max_tokens(
+                engine, prompt.prompt, body.requested_max_tokens, param="prompt"
             )
             max_completion_tokens += max_tokens * n
             for i in range(n):
                 params = body.to_sampling_params(
                     max_tokens=max_tokens,
+                    max_tokens_given=given,
                     vocab_size=engine.vocab_size,
                     logprobs=body.logprobs,
                     choice=i,
@@ -166,79 +184,59 @@ async def create_completion(request: Request) -> Response:
                 requests.append(
                     GenRequest(
                         engine.new_request_id(),
-                        prompt.token_ids,
+                        prompt.prompt,
                         params,
                         p_index * n + i,
-                        cache_scope=scope,
+                        cache_scope=self._context.cache_scope,
                     )
                 )
-        prompt_tokens = sum(len(p.token_ids) for p in prompts)
-        return Prepared(requests, prompt_tokens, max_completion_tokens)
+        counts = tuple(p.prompt.token_count for p in self._prompts)
+        return Prepared(requests, counts, max_completion_tokens)
 
-    started = await start_generation(
-        request,
-        key=key,
-        engine=engine,
-        endpoint="completions",
-        streamed=bool(body.stream),
-        n=n,
-        sequences=total,
-        prepare=prepare,
-    )
-    stream, record, headers = started.stream, started.record, started.headers
-    completion_id = new_id("cmpl")
-    created = int(time.time())
-    # An echoed prompt is completion text like any other: output rules see it too.
-    echoes = [GenOutput(c, prompts[c // n].text) for c in range(total)] if body.echo else []
-    logprobs = LogprobsWriter(total) if body.logprobs is not None else None
-    fmt = CompletionChunks(completion_id, created, engine.model_id, logprobs)
-    try:
-        # Output rules may run plug-in code: a failure must not leave the request running.
-        guard = output_guard(state.guard, state.guard_counters, record.request_id, stream, total)
-    except BaseException:
-        await abandon(state, stream, record)
-        raise
-    if body.stream:
-        streamed = StreamedRequest(
-            state=state,
-            stream=stream,
-            fmt=fmt,
-            record=record,
-            choices=total,
-            include_usage=body.include_usage,
-            guard=guard,
-            preamble=echoes,
-        )
-        return await stream_response(state.detached, streamed, scope, headers)
+    def preamble(self) -> Sequence[GenOutput]:
+        # An echoed prompt is completion text like any other: output rules see it too.
+        if not self._body.echo:
+            return ()
+        n = self.n
+        return [GenOutput(c, self._prompts[c // n].text or "") for c in range(self.sequences)]
 
-    per_choice = await collect(
-        request=request,
-        state=state,
-        stream=stream,
-        record=record,
-        choices=total,
-        guard=guard,
-        preamble=echoes,
-    )
-    choices = []
-    for i, outputs in enumerate(per_choice):
-        entries = [e for o in outputs for e in o.logprobs]
-        choices.append(
-            {
-                "text": "".join(o.text for o in outputs),
-                "index": i,
-                "logprobs": LogprobsWriter(1).build(0, entries) if logprobs is not None else None,
-                "finish_reason": finish_reason_of(outputs),
-            }
-        )
-    return json_response(
-        {
+    def chunks(self, completion_id: str, created: int, model: str) -> CompletionChunks:
+        logprobs = LogprobsWriter(self.sequences) if self.wants_logprobs else None
+        return CompletionChunks(completion_id, created, model, logprobs)
+
+    def body(
+        self,
+        per_choice: list[list[GenOutput]],
+        completion_id: str,
+        created: int,
+        model: str,
+        usage: dict[str, Any],
+    ) -> dict[str, Any]:
+        choices = []
+        for i, outputs in enumerate(per_choice):
+            entries = [e for o in outputs for e in o.logprobs]
+            choices.append(
+                {
+                    "text": "".join(o.text for o in outputs),
+                    "index": i,
+                    "logprobs": LogprobsWriter(1).build(0, entries)
+                    if self.wants_logprobs
+                    else None,
+                    "finish_reason": finish_reason_of(outputs),
+                }
+            )
+        return {
             "id": completion_id,
             "object": "text_completion",
             "created": created,
-            "model": engine.model_id,
+            "model": model,
             "choices": choices,
-            "usage": usage_body(record),
-        },
-        headers=headers,
+            "usage": usage,
+        }
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request) -> Response:
+    return await serve_generation(
+        request, CompletionRequest, unsupported.COMPLETIONS, CompletionJob
     )

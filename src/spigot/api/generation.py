@@ -1,83 +1,190 @@
-"""Starting a generation request, the same way for every endpoint.
+"""One pipeline for every generation endpoint; an endpoint only says what is its own.
 
-    refuse while draining      503 once the server is shutting down
+    authorize, resume          the key; a reconnect to a detached stream
+    parse, check               the body (decoded in the prep pool)
     admit (phase 1)            key may use the model; concurrency counts every
                                sequence (n x prompts); requests per minute
-    prepare, in the prep pool  input rules, chat template, tokenization:
-                               the work that grows with the input, admitted
-                               first and off the event loop
-    reserve (phase 2)          tokens per minute and budget, with exact counts
-    submit                     to the engine (503 when its queue is full)
+    prepare, in the prep pool  input rules, chat template, tokenization or the
+                               estimate: the work that grows with the input,
+                               admitted first and off the event loop
+    reserve (phase 2)          tokens per minute and budget, with the counts
+    submit, wait until ready   503 when the engine's queue is full; an upstream's
+                               refusal before any output passes through
+    guard, stream or collect   output rules, then SSE or one JSON body
 
 Whatever fails after phase 1 releases the reservation, so nothing refused
-keeps holding a key's concurrency or budget.
+keeps holding a key's concurrency or budget. A ``Job`` is an endpoint's part:
+its body's sequences, how its prompts are prepared, and its wire shapes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import Response
 
-from spigot.api.metering import admit, release, reserve
-from spigot.api.state import RequestRecord, ServerState
-from spigot.engine.async_engine import AsyncEngine, QueueFull, RequestStream
-from spigot.engine.types import GenRequest
+from spigot.api.detach import stream_response
+from spigot.api.guarding import check_logprobs, output_guard
+from spigot.api.metering import admit, authorize, release, reserve
+from spigot.api.responses import json_response
+from spigot.api.schemas import SamplingRequest
+from spigot.api.state import (
+    RequestRecord,
+    ServerState,
+    cache_scope,
+    check_choices,
+    new_id,
+    parse_body,
+)
+from spigot.api.streaming import ChunkFormat, StreamedRequest, abandon, collect, usage_body
+from spigot.api.streams import resume_if_asked
+from spigot.api.unsupported import Unsupported
+from spigot.engine.protocol import Engine, OutputStream, QueueFull
+from spigot.engine.types import GenOutput, GenRequest
 from spigot.errors import Overloaded
 from spigot.metering import ApiKey
+
+B = TypeVar("B", bound=SamplingRequest)
 
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """What the prep pool made of a request: its sequences and their token counts."""
+    """What the prep pool made of a request: its sequences and their prompts' token counts."""
 
     requests: list[GenRequest]
-    prompt_tokens: int
+    prompt_tokens: tuple[int, ...]  # per prompt: exact, or the estimate (see docs/gateway.md)
     max_completion_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
-class Started:
-    stream: RequestStream
-    record: RequestRecord
-    headers: dict[str, str] | None  # x-ratelimit-* from admission
+class JobContext:
+    """What a job's preparation needs of the server and the request."""
+
+    state: ServerState
+    request_id: str
+    cache_scope: str
 
 
-def cache_scope(key: ApiKey | None) -> str:
-    """Prefix-cache reuse stays within one key (the engine may be told to share)."""
-    return "anonymous" if key is None else f"key:{key.id}"
+class Job(Protocol):
+    """One endpoint's part of a generation request."""
+
+    endpoint: str  # the ledger's endpoint name
+    id_prefix: str  # of the completion id
+    n: int  # choices per prompt
+    sequences: int  # all choices of all prompts
+    wants_logprobs: bool
+
+    def prepare(self) -> Prepared:
+        """Input rules, prompts and sequences; runs in the prep pool."""
+
+    def preamble(self) -> Sequence[GenOutput]:
+        """Text sent before the model's (an echoed prompt), after ``prepare``."""
+
+    def chunks(self, completion_id: str, created: int, model: str) -> ChunkFormat: ...
+
+    def body(
+        self,
+        per_choice: list[list[GenOutput]],
+        completion_id: str,
+        created: int,
+        model: str,
+        usage: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The non-streamed response."""
 
 
-async def start_generation(
+JobFactory = Callable[[B, Engine, JobContext], Job]
+
+
+async def serve_generation(
     request: Request,
-    *,
-    key: ApiKey | None,
-    engine: AsyncEngine,
-    endpoint: str,
-    streamed: bool,
-    n: int,
-    sequences: int,
-    prepare: Callable[[], Prepared],
-) -> Started:
+    schema: type[B],
+    unsupported: Mapping[str, Unsupported],
+    make_job: JobFactory[B],
+) -> Response:
+    state: ServerState = request.app.state.spigot
+    key = await authorize(request)
+    if (resumed := await resume_if_asked(request, state, key)) is not None:
+        return resumed
+    body = await parse_body(request, schema, unsupported)
+    body.check()
+    engine = state.engine_for(body.model)
+    scope = cache_scope(key)
+    job = make_job(body, engine, JobContext(state, request.state.request_id, scope))
+    check_choices(engine, job.sequences)
+    check_logprobs(state.guard, job.wants_logprobs, param="logprobs")
+    stream, record, headers = await _start(request, key, engine, job, streamed=bool(body.stream))
+    completion_id = new_id(job.id_prefix)
+    created = int(time.time())
+    try:
+        # Output rules may run plug-in code: a failure must not leave the request running.
+        guard = output_guard(
+            state.guard, state.guard_counters, record.request_id, stream, job.sequences
+        )
+        preamble = job.preamble()
+        fmt = job.chunks(completion_id, created, engine.model_id)
+    except BaseException:
+        await abandon(state, stream, record)
+        raise
+    if body.stream:
+        streamed = StreamedRequest(
+            state=state,
+            stream=stream,
+            fmt=fmt,
+            record=record,
+            choices=job.sequences,
+            include_usage=body.include_usage,
+            guard=guard,
+            preamble=preamble,
+        )
+        return await stream_response(state.detached, streamed, scope, headers)
+    per_choice = await collect(
+        request=request,
+        state=state,
+        stream=stream,
+        record=record,
+        choices=job.sequences,
+        guard=guard,
+        preamble=preamble,
+    )
+    return json_response(
+        job.body(per_choice, completion_id, created, engine.model_id, usage_body(record)),
+        headers=headers,
+    )
+
+
+async def _start(
+    request: Request, key: ApiKey | None, engine: Engine, job: Job, *, streamed: bool
+) -> tuple[OutputStream, RequestRecord, dict[str, str] | None]:
+    """Admit, prepare, reserve and submit; the stream has started when this returns."""
     state: ServerState = request.app.state.spigot
     state.shutdown.refuse_if_draining()
     reservation = await admit(
-        request, key, model=engine.model_id, sequences=sequences, endpoint=endpoint
+        request, key, model=engine.model_id, sequences=job.sequences, endpoint=job.endpoint
     )
+    stream: OutputStream | None = None
     try:
-        prepared = await state.prep.run(prepare)
+        prepared = await state.prep.run(job.prepare)
         await reserve(
             request,
             reservation,
             model=engine.model_id,
-            prompt_tokens=prepared.prompt_tokens,
+            prompt_tokens=sum(prepared.prompt_tokens),
             max_completion_tokens=prepared.max_completion_tokens,
         )
         state.shutdown.refuse_if_draining()
         stream = engine.submit(prepared.requests)
+        # An engine elsewhere may still refuse (its own 4xx) or be unreachable: that
+        # is an HTTP error for the client, not a stream, and nothing was generated.
+        await stream.ready()
     except BaseException as exc:
+        if stream is not None:
+            stream.abort()
         # Shielded: a client that left meanwhile must not keep the reservation.
         await asyncio.shield(release(request, reservation))
         if isinstance(exc, QueueFull):
@@ -85,11 +192,11 @@ async def start_generation(
         raise
     record = RequestRecord(
         request_id=request.state.request_id,
-        endpoint=endpoint,
+        endpoint=job.endpoint,
         model=engine.model_id,
         streamed=streamed,
-        prompt_tokens=prepared.prompt_tokens,
         key_id=key.id if key is not None else None,
-        n=n,
+        n=job.n,
+        prompt_estimates=prepared.prompt_tokens,
     )
-    return Started(stream, record, reservation.headers if reservation is not None else None)
+    return stream, record, reservation.headers if reservation is not None else None

@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from spigot.engine.async_engine import RequestStream
+from spigot.engine.protocol import OutputStream
 from spigot.engine.types import FinishReason, GenOutput
 from spigot.errors import ContentFiltered, InvalidRequest
 from spigot.guard import Policy, Released, TextGuard, Trip
@@ -81,7 +81,7 @@ def output_guard(
     policy: Policy | None,
     counters: GuardCounters,
     request_id: str,
-    stream: RequestStream,
+    stream: OutputStream,
     choices: int,
 ) -> OutputGuard | None:
     if policy is None or not policy.output:
@@ -97,7 +97,7 @@ class OutputGuard:
         policy: Policy,
         counters: GuardCounters,
         request_id: str,
-        stream: RequestStream,
+        stream: OutputStream,
         choices: int,
     ) -> None:
         self._guards: list[TextGuard] = [policy.output.guard() for _ in range(choices)]

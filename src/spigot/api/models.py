@@ -11,12 +11,12 @@ from starlette.responses import Response
 from spigot.api.metering import authorize
 from spigot.api.responses import json_response
 from spigot.api.state import ServerState
-from spigot.engine.async_engine import AsyncEngine
+from spigot.engine.protocol import Engine
 
 router = APIRouter()
 
 
-def _model_card(engine: AsyncEngine) -> dict[str, Any]:
+def _model_card(engine: Engine) -> dict[str, Any]:
     return {
         "id": engine.model_id,
         "object": "model",

@@ -74,7 +74,7 @@ class ChatMessage(_Wire):
         return message
 
 
-class _SamplingFields(_Wire):
+class SamplingRequest(_Wire):
     model: str
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -105,6 +105,10 @@ class _SamplingFields(_Wire):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def check(self) -> None:
+        """Rules across fields (pydantic checks each field): 400 on a violation."""
+        self.check_common()
+
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest(
@@ -118,7 +122,9 @@ class _SamplingFields(_Wire):
                 param="stop",
             )
 
-    def logit_bias_ids(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    def logit_bias_ids(self, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias); ids checked here unless ``vocab_size`` is
+        None (an engine elsewhere knows its vocabulary and checks them)."""
         if not self.logit_bias:
             return ()
         out: list[tuple[int, float]] = []
@@ -129,17 +135,23 @@ class _SamplingFields(_Wire):
                 raise InvalidRequest(
                     f"Invalid key in 'logit_bias': {key!r} is not a token id.", param="logit_bias"
                 ) from None
-            if not 0 <= token < vocab_size:
+            if token < 0 or (vocab_size is not None and token >= vocab_size):
+                size = "" if vocab_size is None else f" (the vocabulary has {vocab_size} tokens)"
                 raise InvalidRequest(
-                    f"Invalid key in 'logit_bias': token id {token} is out of range "
-                    f"(the vocabulary has {vocab_size} tokens).",
+                    f"Invalid key in 'logit_bias': token id {token} is out of range{size}.",
                     param="logit_bias",
                 )
             out.append((token, bias))
         return tuple(out)
 
     def to_sampling_params(
-        self, *, max_tokens: int, vocab_size: int, logprobs: int | None, choice: int
+        self,
+        *,
+        max_tokens: int,
+        max_tokens_given: bool = True,
+        vocab_size: int | None,
+        logprobs: int | None,
+        choice: int,
     ) -> SamplingParams:
         seed = None if self.seed is None else self.seed + choice
         return SamplingParams(
@@ -154,10 +166,14 @@ class _SamplingFields(_Wire):
             logprobs=logprobs,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            max_tokens_given=max_tokens_given,
+            defaulted=frozenset(
+                name for name in ("temperature", "top_p") if getattr(self, name) is None
+            ),
         )
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -211,7 +227,7 @@ class ChatCompletionRequest(_SamplingFields):
 PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingRequest):
     prompt: PromptInput
     # null means the default (16) here, as for every other optional field.
     max_tokens: Annotated[int, Field(ge=1)] | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from spigot.engine.async_engine import RequestStream
+from spigot.engine.protocol import OutputStream
 from spigot.errors import ShuttingDown, SpigotError
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ class Interruption:
 
     __slots__ = ("_stream", "error")
 
-    def __init__(self, stream: RequestStream) -> None:
+    def __init__(self, stream: OutputStream) -> None:
         self.error: SpigotError | None = None
         self._stream = stream
 
@@ -45,7 +45,7 @@ class Shutdown:
         if self.draining:
             raise _shutting_down()
 
-    def track(self, stream: RequestStream) -> Interruption:
+    def track(self, stream: OutputStream) -> Interruption:
         handle = Interruption(stream)
         self._live.add(handle)
         if self.draining and self.grace <= 0:

@@ -19,11 +19,11 @@ from spigot.api.metering import Metering
 from spigot.api.prep import PrepPool
 from spigot.api.shutdown import Shutdown
 from spigot.api.unsupported import Unsupported
-from spigot.engine.async_engine import AsyncEngine
-from spigot.engine.types import Usage
+from spigot.engine.protocol import Engine
+from spigot.engine.types import Prompt, Usage, UsageSource
 from spigot.errors import ContextLengthExceeded, InvalidRequest, ModelNotFoundError
 from spigot.guard import Policy
-from spigot.metering import LedgerEntry
+from spigot.metering import ApiKey, LedgerEntry
 from spigot.models import ModelNotFound, ModelRouter
 
 if TYPE_CHECKING:
@@ -48,21 +48,44 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
-    status: str = "ok"  # ok | disconnected | error
+    status: str = "ok"  # ok | disconnected | error | interrupted
     key_id: int | None = None  # the API key it ran under, when keys are in use
     n: int = 1  # choices per prompt: choice i belongs to prompt i // n
+    # Per prompt, the count known before generation (exact, or an engine's estimate):
+    # what is billed for a prompt whose sequences never report usage.
+    prompt_estimates: tuple[int, ...] = ()
+    _prompt_by_index: dict[int, int] = field(default_factory=dict)
     _cached_by_prompt: dict[int, int] = field(default_factory=dict)
+    _sources: set[UsageSource] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.prompt_estimates:
+            self._prompt_by_index = dict(enumerate(self.prompt_estimates))
+            self.prompt_tokens = sum(self.prompt_estimates)
 
     def add_usage(self, usage: Usage | None, choice_index: int = 0) -> None:
         if usage is None:
             return
+        self._sources.add(usage.source)
         self.completion_tokens += usage.completion_tokens
-        # The n choices of a prompt each report the prompt's cached part, but the
-        # prompt is counted (and billed) once: take its best choice, not the sum.
+        # The n choices of a prompt each report the prompt, but it is counted (and
+        # billed) once: its reported count replaces the estimate, and its cached
+        # part is its best choice's, not the sum.
         prompt = choice_index // self.n
+        if usage.prompt_tokens > 0 and self._prompt_by_index:
+            self._prompt_by_index[prompt] = usage.prompt_tokens
+            self.prompt_tokens = sum(self._prompt_by_index.values())
         best = max(self._cached_by_prompt.get(prompt, 0), usage.cached_tokens)
         self._cached_by_prompt[prompt] = best
         self.cached_tokens = sum(self._cached_by_prompt.values())
+
+    @property
+    def usage_source(self) -> UsageSource:
+        """Where the counts come from: the least exact source of any sequence."""
+        for source in (UsageSource.PARTIAL, UsageSource.COUNTED, UsageSource.UPSTREAM):
+            if source in self._sources:
+                return source
+        return UsageSource.ENGINE
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
@@ -101,7 +124,7 @@ class RequestLimits:
 
 @dataclass
 class ServerState:
-    engines: dict[str, AsyncEngine]
+    engines: dict[str, Engine]
     router: ModelRouter
     observers: list[UsageObserver] = field(default_factory=lambda: [log_record])
     guard: Policy | None = None
@@ -116,7 +139,7 @@ class ServerState:
     # Resumable streams (--on-disconnect detach=N); None: cancel on disconnect.
     detached: Detached | None = None
 
-    def engine_for(self, name: str) -> AsyncEngine:
+    def engine_for(self, name: str) -> Engine:
         try:
             return self.engines[self.router.resolve(name)]
         except ModelNotFound as exc:
@@ -163,7 +186,13 @@ def ledger_entry(metering: Metering, record: RequestRecord) -> LedgerEntry:
         duration_ms=round((now - record.started) * 1000),
         finish_reason=",".join(dict.fromkeys(record.finish_reasons)) or None,
         status=record.status,
+        usage_source=record.usage_source.value,
     )
+
+
+def cache_scope(key: ApiKey | None) -> str:
+    """Prefix-cache reuse stays within one key (the engine may be told to share)."""
+    return "anonymous" if key is None else f"key:{key.id}"
 
 
 def new_id(prefix: str) -> str:
@@ -185,10 +214,19 @@ async def parse_body(
 
 
 def resolve_max_tokens(
-    engine: AsyncEngine, prompt_tokens: int, requested: int | None, *, param: str
-) -> int:
-    """The output cap, or 400 when the prompt and the requested output cannot fit."""
+    engine: Engine, prompt: Prompt, requested: int | None, *, param: str
+) -> tuple[int, bool]:
+    """The output cap and whether the client set it; 400 when prompt and output cannot fit.
+
+    With an exact prompt count the context is checked here. With an estimate
+    (an engine elsewhere tokenizes) that engine checks it, and its refusal is
+    passed on: the cap is then what the client asked, or the whole context, an
+    upper bound for reserving budget that the engine is not told.
+    """
     limit = engine.max_context
+    if not prompt.count_exact:
+        return (limit, False) if requested is None else (requested, True)
+    prompt_tokens = prompt.token_count
     if requested is None:
         if prompt_tokens >= limit:
             raise ContextLengthExceeded(
@@ -197,7 +235,7 @@ def resolve_max_tokens(
                 f"{param}.",
                 param=param,
             )
-        return limit - prompt_tokens
+        return limit - prompt_tokens, False
     if prompt_tokens + requested > limit:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -205,10 +243,10 @@ def resolve_max_tokens(
             f"in the completion). Please reduce the length of the {param} or completion.",
             param=param,
         )
-    return requested
+    return requested, True
 
 
-def check_choices(engine: AsyncEngine, n: int) -> None:
+def check_choices(engine: Engine, n: int) -> None:
     if n > engine.capacity:
         raise InvalidRequest(
             f"'n' is {n}, but this server runs at most {engine.capacity} sequences at once.",

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from spigot.api.guarding import OutputGuard
 from spigot.api.sse import DONE, data_event
 from spigot.api.state import RequestRecord, ServerState
-from spigot.engine.async_engine import RequestStream
+from spigot.engine.protocol import OutputStream
 from spigot.engine.types import FinishReason, GenOutput
 from spigot.errors import EngineFailure
 
@@ -53,6 +53,19 @@ def usage_body(record: RequestRecord) -> dict[str, Any]:
             "rejected_prediction_tokens": 0,
         },
     }
+
+
+def with_extras(
+    chunk: dict[str, Any], choice_part: dict[str, Any], output: GenOutput
+) -> dict[str, Any]:
+    """An engine elsewhere's fields that spigot does not know, added where they were
+    (never over spigot's own). Outputs that passed output rules carry none: text
+    the rules have not seen does not reach the client."""
+    for extra, into in ((output.chunk_extra, chunk), (output.delta_extra, choice_part)):
+        if extra:
+            for name, value in extra.items():
+                into.setdefault(name, value)
+    return chunk
 
 
 def error_body(message: str) -> dict[str, Any]:
@@ -83,14 +96,14 @@ def _visible(
     return output
 
 
-async def _abort_and_account(stream: RequestStream, record: RequestRecord) -> None:
+async def _abort_and_account(stream: OutputStream, record: RequestRecord) -> None:
     """Stop what still runs and count what it consumed until it stopped."""
     stream.abort()
     for output in await stream.drain():
         _account(record, output)
 
 
-async def abandon(state: ServerState, stream: RequestStream, record: RequestRecord) -> None:
+async def abandon(state: ServerState, stream: OutputStream, record: RequestRecord) -> None:
     """A started request whose response could not even be set up: stop it and bill it,
     so neither the engine nor the key's reservation is held for nobody."""
     record.status = "error"
@@ -101,7 +114,7 @@ async def abandon(state: ServerState, stream: RequestStream, record: RequestReco
 def _events(fmt: ChunkFormat, output: GenOutput | None) -> Iterator[bytes]:
     if output is None:
         return
-    if output.text:
+    if output.text or output.delta_extra:
         yield data_event(fmt.content(output))
     # An aborted choice gets no finish chunk ("abort" is not a wire reason): the
     # stream ends with an error event instead (shutdown) or nobody is reading.
@@ -121,7 +134,7 @@ class StreamedRequest:
         self,
         *,
         state: ServerState,
-        stream: RequestStream,
+        stream: OutputStream,
         fmt: ChunkFormat,
         record: RequestRecord,
         choices: int,
@@ -253,7 +266,7 @@ async def collect(
     *,
     request: Request,
     state: ServerState,
-    stream: RequestStream,
+    stream: OutputStream,
     record: RequestRecord,
     choices: int,
     guard: OutputGuard | None = None,

@@ -10,9 +10,8 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from spigot.api.generation import cache_scope
 from spigot.api.metering import authorize
-from spigot.api.state import ServerState
+from spigot.api.state import ServerState, cache_scope
 from spigot.errors import NotFound
 from spigot.metering import ApiKey
 from spigot.resume import parse_last_event_id

@@ -13,8 +13,7 @@ from starlette.responses import Response
 from spigot.api.metering import admit, authorize, release
 from spigot.api.schemas import DetokenizeRequest, TokenizeRequest
 from spigot.api.state import ServerState, parse_body
-from spigot.engine.async_engine import AsyncEngine
-from spigot.engine.chat_template import ChatTemplateError
+from spigot.engine.protocol import Engine, PromptError
 from spigot.errors import InvalidRequest
 from spigot.metering import ApiKey
 
@@ -26,19 +25,20 @@ async def tokenize(request: Request) -> Response:
     key = await authorize(request)
     state: ServerState = request.app.state.spigot
     body = await parse_body(request, TokenizeRequest)
-    engine = state.engine_for(body.model)
+    engine = _local(state.engine_for(body.model))
     if body.messages is None and body.prompt is None:
         raise InvalidRequest("Either 'prompt' or 'messages' is required.", param="prompt")
 
     def prepare() -> bytes:
         if body.messages is not None:
             try:
-                tokens = engine.chat_tokens([m.for_template() for m in body.messages])
-            except ChatTemplateError as exc:
+                prompt = engine.prepare_chat([m.for_template() for m in body.messages])
+            except PromptError as exc:
                 raise InvalidRequest(str(exc), param="messages") from None
         else:
             assert body.prompt is not None
-            tokens = engine.tokenize_prompt(body.prompt)
+            prompt = engine.prepare_text(body.prompt)
+        tokens = list(prompt.token_ids)
         return orjson.dumps(
             {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_context}
         )
@@ -51,19 +51,31 @@ async def detokenize(request: Request) -> Response:
     key = await authorize(request)
     state: ServerState = request.app.state.spigot
     body = await parse_body(request, DetokenizeRequest)
-    engine = state.engine_for(body.model)
+    engine = _local(state.engine_for(body.model))
 
     def prepare() -> bytes:
-        bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"Invalid token id {bad}.", param="tokens")
+        try:
+            engine.prepare_token_ids(body.tokens)
+        except PromptError as exc:
+            raise InvalidRequest(str(exc), param="tokens") from None
         return orjson.dumps({"prompt": engine.detokenize(body.tokens)})
 
     return await _admitted(request, key, engine, prepare)
 
 
+def _local(engine: Engine) -> Engine:
+    """Tokens are the served model's: a model behind another server has none here."""
+    if not engine.tokenizes_locally:
+        raise InvalidRequest(
+            f"The model '{engine.model_id}' is served by another server: its tokenizer is "
+            "not available here.",
+            param="model",
+        )
+    return engine
+
+
 async def _admitted(
-    request: Request, key: ApiKey | None, engine: AsyncEngine, prepare: Callable[[], bytes]
+    request: Request, key: ApiKey | None, engine: Engine, prepare: Callable[[], bytes]
 ) -> Response:
     """Run ``prepare`` (work that grows with the input) in the prep pool, admitted like a
     request (concurrency and requests per minute), released when done; no tokens are

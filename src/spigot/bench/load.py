@@ -8,7 +8,7 @@ tokens of requests are counted (usage chunk, else the server's ``/tokenize``,
 else content chunks) outside the timed window.
 
 Where the rest lives: one request in ``request.py``, its SSE parsing in
-``sse.py``, workloads in ``workloads.py``, the figures in ``stats.py``, the JSON
+``spigot.sse_parser``, workloads in ``workloads.py``, the figures in ``stats.py``, the JSON
 in ``results.py``, tables in ``report.py``, plots in ``plot.py``, the bar in
 ``progress.py``.
 """

@@ -56,24 +56,3 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
-
-
-def decode_plot(levels: list[int], bare: list[float], served: list[float], path: Path) -> Path:
-    """Bars of aggregate decode tokens/s per stream count: the bare loop beside spigot."""
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    xs = range(len(levels))
-    width = 0.38
-    axes.bar([x - width / 2 for x in xs], bare, width, color="C7", label="bare loop (ceiling)")
-    axes.bar([x + width / 2 for x in xs], served, width, color="C0", label="spigot serve")
-    for x, b, s in zip(xs, bare, served, strict=True):
-        axes.annotate(f"{s / b:.0%}", (x + width / 2, s), ha="center", va="bottom", fontsize=9)
-    axes.set_xticks(list(xs), [str(n) for n in levels])
-    axes.set_xlabel("streams decoding together")
-    axes.set_ylabel("aggregate decode tokens/s")
-    axes.set_title("Decode speed against the bare llama.cpp loop")
-    axes.grid(True, axis="y", alpha=0.3)
-    axes.legend(loc="upper left")
-    figure.savefig(path, format="png", dpi=110)
-    return path

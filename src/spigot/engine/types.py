@@ -7,7 +7,9 @@ another server over HTTP produces the same outputs as the in-process one.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(enum.StrEnum):
@@ -32,10 +34,47 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    # False: the client set no max_tokens and ``max_tokens`` is spigot's cap for
+    # reservations; an engine elsewhere is then not told it (it has its own).
+    max_tokens_given: bool = True
+    # Fields the client did not set ("temperature", "top_p"): they hold spigot's
+    # default, and an engine elsewhere is not sent them (it applies its own).
+    defaulted: frozenset[str] = frozenset()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class UsageSource(enum.StrEnum):
+    """Where a request's token counts come from (a ledger column)."""
+
+    ENGINE = "engine"  # a local model counted its own tokens
+    UPSTREAM = "upstream"  # an upstream server reported usage
+    COUNTED = "counted"  # the upstream sent none: spigot counted with a tokenizer
+    PARTIAL = "partial"  # the stream was cut short: what was served until then
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What a sequence starts from.
+
+    An engine that tokenizes here fills ``token_ids`` (and ``token_count`` is
+    their number); one that sends the prompt elsewhere keeps the ``messages``
+    or ``text`` and an estimate: ``count_exact`` is then False and the real
+    count arrives in the outputs' ``Usage``.
+    """
+
+    token_count: int
+    token_ids: tuple[int, ...] = ()
+    messages: tuple[Mapping[str, Any], ...] | None = None
+    text: str | None = None
+    count_exact: bool = True
+
+    @classmethod
+    def of_tokens(cls, token_ids: Sequence[int]) -> Prompt:
+        ids = tuple(token_ids)
+        return cls(token_count=len(ids), token_ids=ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +82,7 @@ class GenRequest:
     """One sequence to generate: one choice of one HTTP request."""
 
     request_id: str
-    prompt_token_ids: tuple[int, ...]
+    prompt: Prompt
     params: SamplingParams
     choice_index: int = 0
     # Prefixes are reused only between requests of the same scope (one API key):
@@ -64,6 +103,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    source: UsageSource = UsageSource.ENGINE
 
     @property
     def total_tokens(self) -> int:
@@ -85,6 +125,10 @@ class GenOutput:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    # From an engine elsewhere: fields of its chunk (``system_fingerprint``) and of
+    # its choice delta (``reasoning_content``) that spigot does not know, passed on.
+    chunk_extra: Mapping[str, Any] | None = None
+    delta_extra: Mapping[str, Any] | None = None
 
     @property
     def finished(self) -> bool:

@@ -41,7 +41,8 @@ def _set(obj: Any, key: str, value: Any) -> None:
 def _clone(chunk: C) -> C:
     model_copy = getattr(chunk, "model_copy", None)
     if callable(model_copy):
-        return model_copy(deep=True)
+        copied: C = model_copy(deep=True)  # a pydantic model's copy is of its own class
+        return copied
     return copy.deepcopy(chunk)
 
 

@@ -276,7 +276,7 @@ def _parse_rule(raw: Mapping[str, Any], number: int, source: str) -> Rule:
 
 
 def _max_len(get: Any, fail: Any, *, required: bool) -> int:
-    value = get("max_len", int)
+    value: int | None = get("max_len", int)
     if value is None:
         if required:
             raise fail("'max_len' is missing: the longest match, in characters")

@@ -19,14 +19,19 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from spigot.metering.errors import StoreUnavailable
 
+if TYPE_CHECKING:
+    import psycopg
+
 Dialect = Literal["sqlite", "postgresql"]
 Params = Sequence[Any]
+# A row's values are whatever the column holds (int, float, str, None): the store reads each
+# by position and converts it where its type matters.
 Row = tuple[Any, ...]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -42,10 +47,26 @@ def _pyformat(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+class Cursor(Protocol):
+    """What Tx needs of a DB-API cursor: sqlite3's and psycopg's both have it."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Params, /) -> object: ...
+
+    def fetchall(self) -> Sequence[Sequence[Any]]: ...
+
+
 class Tx:
     """The statements of one transaction."""
 
-    def __init__(self, cursor: Any, dialect: Dialect, integrity_errors: tuple[type, ...]) -> None:
+    def __init__(
+        self,
+        cursor: Cursor,
+        dialect: Dialect,
+        integrity_errors: tuple[type[BaseException], ...],
+    ) -> None:
         self._cursor = cursor
         self.dialect = dialect
         self._integrity_errors = integrity_errors
@@ -76,8 +97,8 @@ class Database(ABC):
     dialect: Dialect
 
     @abstractmethod
-    def transaction(self, *, write: bool = True) -> Any:
-        """A context manager: one transaction, committed on success, rolled back on error."""
+    def transaction(self, *, write: bool = True) -> AbstractContextManager[Tx]:
+        """One transaction, committed on success, rolled back on error."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -143,68 +164,61 @@ class PostgresDatabase(Database):
     def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
         import psycopg  # only a Postgres store needs the driver loaded
 
-        self._psycopg = psycopg
         self._url = url
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
-        self._integrity = (psycopg.errors.IntegrityError,)
+        self._integrity: tuple[type[BaseException], ...] = (psycopg.errors.IntegrityError,)
         self._conn = self._connect()
 
-    def _connect(self) -> Any:
-        psycopg = self._psycopg
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        import psycopg
+
         options = psycopg.conninfo.conninfo_to_dict(self._url)
         options.setdefault("connect_timeout", max(1, round(self._connect_timeout)))
         options.setdefault("application_name", "spigot")
         try:
-            return psycopg.connect(autocommit=True, **options)
+            # What connect(**options) would build itself, but typed.
+            return psycopg.connect(psycopg.conninfo.make_conninfo("", **options), autocommit=True)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
 
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Tx]:
-        psycopg = self._psycopg
+        import psycopg
+
         with self._lock:
             try:
                 with ExitStack() as stack:
-                    stack.enter_context(self._begin())
+                    # Entered already: the stack only has to exit it.
+                    stack.push(self._begin())
                     cursor = stack.enter_context(self._conn.cursor())
                     yield Tx(cursor, "postgresql", self._integrity)
             except psycopg.OperationalError as exc:
                 raise StoreUnavailable(f"PostgreSQL failed: {exc}") from exc
 
-    def _begin(self) -> Any:
+    def _begin(self) -> AbstractContextManager[psycopg.Transaction]:
         """Enters a transaction block (sends BEGIN), on a new connection if the old one died
-        while idle (server restart, idle timeout): nothing had been sent, so a retry is safe."""
+        while idle (server restart, idle timeout): nothing had been sent, so a retry is safe.
+        The block is returned entered: the caller only exits it."""
+        import psycopg
+
         if not (self._conn.closed or self._conn.broken):
             block = self._conn.transaction()
             try:
                 block.__enter__()
-                return _Entered(block)
-            except self._psycopg.OperationalError:
+                return block
+            except psycopg.OperationalError:
                 if not self._conn.broken:
                     raise
         self._conn.close()
         self._conn = self._connect()
         block = self._conn.transaction()
         block.__enter__()
-        return _Entered(block)
+        return block
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-class _Entered:
-    """A context manager already entered: ExitStack then only has to exit it."""
-
-    def __init__(self, block: Any) -> None:
-        self._block = block
-
-    def __enter__(self) -> Any:
-        return self._block
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self._block.__exit__(*exc)
 
 
 def is_postgres_url(url: str) -> bool:

@@ -142,6 +142,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE reservations ADD COLUMN checkpointed_at DOUBLE PRECISION",
         ),
     ),
+    Migration(
+        3,
+        "where each ledger row's token counts come from",
+        sql=(
+            # engine | upstream | counted | partial (records.USAGE_SOURCES). No CHECK: the
+            # values are checked by LedgerEntry, and a CHECK could not be widened in SQLite
+            # without rebuilding the table.
+            "ALTER TABLE ledger ADD COLUMN usage_source TEXT NOT NULL DEFAULT 'engine'",
+            # Before this, every row came from the in-process engine, but the interrupted
+            # ones bill a checkpoint of a stream cut short.
+            "UPDATE ledger SET usage_source = 'partial' WHERE status = 'interrupted'",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

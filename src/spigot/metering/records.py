@@ -9,11 +9,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, get_args
 
 # "sequences": the request alone runs more sequences (n) than the key's max_concurrent.
 Reason = Literal["revoked", "expired", "sequences", "concurrency", "rpm", "tpm", "budget"]
 UsageBy = Literal["key", "model", "day"]
+# Where a ledger row's token counts come from (its usage_source column):
+#   engine    a local model counted its own tokens
+#   upstream  an upstream OpenAI-compatible server reported usage
+#   counted   the upstream sent none: spigot counted them with a tokenizer
+#   partial   the stream was cut short: what was served until then (a checkpoint, when the
+#             store bills a request whose server died)
+# The same values as spigot.engine.types.UsageSource, which the server passes in.
+UsageSource = Literal["engine", "upstream", "counted", "partial"]
+USAGE_SOURCES: tuple[UsageSource, ...] = get_args(UsageSource)
+INTERRUPTED = "interrupted"  # the status of a row the store wrote for a request that died
 
 
 def utcnow() -> datetime:
@@ -104,7 +114,8 @@ class LedgerEntry:
 
     ``created_at`` is when the request ended: it picks the usage day. ``status``
     "interrupted" is written by the store itself for a request whose server died: it bills
-    the request's last checkpoint, and a settle that comes later replaces it.
+    the request's last checkpoint (``usage_source`` "partial"), and a settle that comes later
+    replaces it. ``usage_source`` is one of USAGE_SOURCES (ValueError otherwise).
     """
 
     request_id: str
@@ -120,6 +131,16 @@ class LedgerEntry:
     finish_reason: str | None = None
     status: str = "ok"  # ok | disconnected | error | interrupted
     created_at: datetime = field(default_factory=utcnow)
+    usage_source: str = "engine"
+
+    def __post_init__(self) -> None:
+        source = self.usage_source
+        if not isinstance(source, str) or source not in USAGE_SOURCES:
+            raise ValueError(f"usage_source must be one of {USAGE_SOURCES}, got {source!r}")
+        # An enum member of those values (spigot.engine.types.UsageSource) becomes its plain
+        # value: the entry then equals the one read back, and str() of a (str, Enum) member
+        # would be its name ("UsageSource.ENGINE").
+        object.__setattr__(self, "usage_source", str.__str__(source))
 
 
 @dataclass(frozen=True, slots=True)
