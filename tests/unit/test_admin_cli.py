@@ -14,7 +14,8 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
-from spigot.admin_cli import keys, shown_url, usage
+from spigot.cli.admin import keys, usage
+from spigot.cli.database import shown_url
 from spigot.metering import LedgerEntry, Store, open_store, parse_usd
 from tests.unit import metering_db
 

@@ -133,3 +133,41 @@ def test_the_guard_stands_alone() -> None:
         == []
     )
     assert violations(None, ("fastapi", "starlette", "llama_cpp"), scope="spigot.guard") == []
+
+
+def test_the_api_knows_engines_only_through_the_protocol_and_types() -> None:
+    """api/ may import spigot.engine.protocol and spigot.engine.types, nothing else of an
+    engine (not llamacpp, not upstream): any engine that implements the protocol fits."""
+    allowed = ("spigot.engine.protocol", "spigot.engine.types")
+    found = []
+    for module, imports in MODULES.items():
+        if not names(module, "spigot.api"):
+            continue
+        for target in imports:
+            engine_part = names(target, "spigot.engine") and target != "spigot.engine"
+            if names(target, "spigot.upstream") or (
+                engine_part and not any(names(target, a) for a in allowed)
+            ):
+                found.append(f"{module} imports {target}")
+    assert found == []
+
+
+def test_only_the_server_builds_engines() -> None:
+    engines = ("LlamaCppEngine", "UpstreamEngine")
+    builders = [
+        m
+        for m, imports in MODULES.items()
+        if not names(m, "spigot.engine") and not names(m, "spigot.upstream")
+        if any(i.rpartition(".")[2] in engines for i in imports)
+    ]
+    assert builders == ["spigot.server"]
+
+
+def test_no_source_module_is_over_500_lines() -> None:
+    """Small modules with one idea each: a module past 500 lines has more than one."""
+    long = {
+        module_name(path): lines
+        for path in PACKAGE.rglob("*.py")
+        if (lines := len(path.read_text(encoding="utf-8").splitlines())) > 500
+    }
+    assert long == {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from spigot import __version__
-from spigot.admin_cli import keys, usage
+from spigot.cli.admin import keys, usage
 from spigot.cli import bench, clients, guard, serve
 
 

@@ -11,30 +11,23 @@ from __future__ import annotations
 
 import csv
 import io
-import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 import orjson
 
+from spigot.cli.database import db_option, opened
 from spigot.metering import (
     MAX_BIGINT,
     UNSET,
     ApiKey,
-    SchemaTooNew,
     Store,
-    StoreError,
     Unset,
     check_key_name,
-    open_store,
     parse_usd,
 )
-from spigot.metering.db import is_postgres_url, sqlite_path
 from spigot.metering.durations import parse_expiry, parse_since
 from spigot.metering.records import UsageBy
 from spigot.metering.views import USAGE_COUNTS, key_dict, key_status, since_day, usage_dict
@@ -42,95 +35,6 @@ from spigot.metering.views import USAGE_COUNTS, key_dict, key_status, since_day,
 T = TypeVar("T")
 
 CLEAR = "none"  # `keys update --rpm none` lifts the limit
-
-
-# -- the database --------------------------------------------------------------------------
-
-
-def db_option(fn: Any) -> Any:
-    return click.option(
-        "--db",
-        "db_url",
-        default="spigot.db",
-        envvar="SPIGOT_DB",
-        show_default=True,
-        metavar="PATH|URL",
-        help="The metering database: a SQLite file, or postgresql://user@host/dbname.",
-    )(fn)
-
-
-def shown_url(url: str) -> str:
-    """A URL fit for an error message: a PostgreSQL password is masked."""
-    if not is_postgres_url(url):
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # too malformed to find the password in: show none of it
-        return url.split("//", 1)[0] + "//..."
-    password = _password(url)
-    if password is None:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _password(url: str) -> str | None:
-    if not is_postgres_url(url):
-        return None
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
-
-
-def redacted(message: object, url: str) -> str:
-    """A driver's message about ``url`` (psycopg may quote the URL, password and all)."""
-    text = str(message).strip().replace(url, shown_url(url))
-    password = _password(url)
-    return text if not password else text.replace(password, "***")
-
-
-def _driver_errors(url: str) -> tuple[type[BaseException], ...]:
-    """What the drivers raise beyond StoreError (a malformed URL, a missing grant, a file
-    that is not a database): reported, not shown as tracebacks."""
-    if is_postgres_url(url):
-        import psycopg  # only a PostgreSQL URL needs the driver loaded
-
-        return (StoreError, psycopg.Error)
-    return (StoreError, sqlite3.Error)
-
-
-@contextmanager
-def opened(url: str, *, must_exist: bool = True) -> Iterator[Store]:
-    """The store at ``url``, closed afterwards; its failures become ClickExceptions.
-
-    ``must_exist``: a SQLite file that is not there is an error rather than a new empty
-    database, so a mistyped ``--db`` on ``keys list`` does not answer "no keys".
-    """
-    shown = shown_url(url)
-    if must_exist and not is_postgres_url(url):
-        path = sqlite_path(url)
-        if path != ":memory:" and not Path(path).expanduser().exists():
-            raise click.ClickException(
-                f"no database at {path} (pass --db or set SPIGOT_DB; `spigot keys create` "
-                "makes one)"
-            )
-    errors = _driver_errors(url)
-    try:
-        store = open_store(url)
-    except SchemaTooNew as exc:
-        raise click.ClickException(f"{shown}: {exc}") from None
-    except errors as exc:
-        raise click.ClickException(
-            f"cannot open the database {shown}: {redacted(exc, url)}"
-        ) from None
-    try:
-        yield store
-    except errors as exc:
-        # KeyNotFound and DuplicateKeyName say what happened in their own words.
-        raise click.ClickException(redacted(exc, url)) from None
-    finally:
-        store.close()
 
 
 def find_key(store: Store, id_or_name: str) -> ApiKey:
