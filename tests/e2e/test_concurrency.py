@@ -49,6 +49,7 @@ async def test_sixteen_concurrent_streams_all_complete(
 
     # 16 streams on 8 slots: half of them queue and join as slots free up.
     results = await asyncio.gather(*(run(i) for i in range(16)))
+    await client.close()  # in this loop: left to the GC, its connections outlive it
     for text, reason, tokens in results:
         assert reason in ("stop", "length")
         assert 0 < tokens <= 24

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+
 import openai
 import pytest
 from openai.types import Completion
@@ -16,13 +18,19 @@ QUESTION = [{"role": "user", "content": "What's 1+1? Answer in one word."}]
 
 
 @pytest.fixture
-def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+def client(server: RunningServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture
-def aclient(server: RunningServer) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+async def aclient(server: RunningServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    # Closed in the test's event loop: left to the garbage collector, its
+    # connections outlive the loop (ResourceWarning: unclosed transport).
+    async with openai.AsyncOpenAI(
+        base_url=server.base_url, api_key="unused", max_retries=0
+    ) as client:
+        yield client
 
 
 def _validated(chunk: ChatCompletionChunk) -> ChatCompletionChunk:

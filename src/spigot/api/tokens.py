@@ -37,7 +37,10 @@ async def tokenize(request: Request) -> Response:
                 raise InvalidRequest(str(exc), param="messages") from None
         else:
             assert body.prompt is not None
-            prompt = engine.prepare_text(body.prompt)
+            try:
+                prompt = engine.prepare_text(body.prompt)
+            except PromptError as exc:
+                raise InvalidRequest(str(exc), param="prompt") from None
         tokens = list(prompt.token_ids)
         return orjson.dumps(
             {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_context}
