@@ -10,8 +10,8 @@ from __future__ import annotations
 import click
 
 from spigot import __version__
-from spigot.cli.admin import keys, usage
 from spigot.cli import bench, clients, guard, serve
+from spigot.cli.admin import keys, usage
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
