@@ -208,6 +208,8 @@ def test_usage_is_always_asked_upstream_and_stripped_when_the_client_did_not(
     assert all(orjson.loads(p).get("usage") is None for p in payloads[:-1])
     (seen,) = gateway.a.requests()
     assert seen["body"]["stream_options"] == {"include_usage": True}
+    # The upstream logs the request under the id the client was given.
+    assert seen["headers"]["x-request-id"] == response.headers["x-request-id"]
     row = gateway.row(response.headers["x-request-id"])
     assert row.usage_source == "upstream" and row.completion_tokens > 0
 

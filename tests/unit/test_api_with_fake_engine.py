@@ -708,3 +708,24 @@ async def test_tokenize_answers_400_when_the_engine_cannot_prepare_the_text() ->
         response = await client.post("/tokenize", json={"model": "scripted", "prompt": " "})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "prompt"
+
+
+async def test_messages_reach_the_engine_with_their_roles_as_sent() -> None:
+    engine = ScriptedEngine.remote()
+    async with serve(engine) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": engine.model_id,
+                "messages": [
+                    {"role": "developer", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                ],
+            },
+        )
+    assert response.status_code == 200, response.text
+    (prompt,) = engine.prepared
+    assert prompt.messages == (
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    )

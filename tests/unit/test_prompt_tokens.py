@@ -347,3 +347,14 @@ def test_lstrip_and_rstrip_specials_drop_the_whitespace_beside_them() -> None:
     assert tokenizer.tokenize("x \t<mask>\n y") == [*chars("x"), MASK, *chars("y")]
     assert tokenizer.tokenize("<mask> <mask> ") == [MASK, MASK]
     assert tokenizer.tokenize("x <|end|> y") == [*chars("x "), END, *chars(" y")]
+
+
+def test_a_developer_message_is_a_system_message_to_the_template(engine: LlamaCppEngine) -> None:
+    """The API passes roles as sent (an engine elsewhere gets "developer" as such); the
+    local template knows system, so the local engine maps it."""
+    as_developer = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    as_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert engine.prepare_chat(as_developer) == engine.prepare_chat(as_system)

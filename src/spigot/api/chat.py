@@ -95,7 +95,7 @@ class ChatJob:
     def prepare(self) -> Prepared:
         body, engine, context = self._body, self._engine, self._context
         state = context.state
-        messages = [m.for_template() for m in body.messages]
+        messages = [m.plain() for m in body.messages]
         contents = guard_inputs(
             state.guard,
             state.guard_counters,
@@ -125,6 +125,7 @@ class ChatJob:
                 ),
                 i,
                 cache_scope=context.cache_scope,
+                trace_id=context.request_id,
             )
             for i in range(self.n)
         ]

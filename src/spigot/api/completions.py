@@ -188,6 +188,7 @@ class CompletionJob:
                         params,
                         p_index * n + i,
                         cache_scope=self._context.cache_scope,
+                        trace_id=self._context.request_id,
                     )
                 )
         counts = tuple(p.prompt.token_count for p in self._prompts)

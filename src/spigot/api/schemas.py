@@ -64,11 +64,9 @@ class ChatMessage(_Wire):
             return self.content
         return "".join(part.text or "" for part in self.content)
 
-    def for_template(self) -> dict[str, Any]:
-        # Templates know system/user/assistant; "developer" is OpenAI's new
-        # name for system.
-        role = "system" if self.role == "developer" else self.role
-        message: dict[str, Any] = {"role": role, "content": self.text()}
+    def plain(self) -> dict[str, Any]:
+        """The message for an engine: its role as sent, its text parts joined."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
         return message

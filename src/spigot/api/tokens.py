@@ -32,7 +32,7 @@ async def tokenize(request: Request) -> Response:
     def prepare() -> bytes:
         if body.messages is not None:
             try:
-                prompt = engine.prepare_chat([m.for_template() for m in body.messages])
+                prompt = engine.prepare_chat([m.plain() for m in body.messages])
             except PromptError as exc:
                 raise InvalidRequest(str(exc), param="messages") from None
         else:

@@ -17,7 +17,7 @@ from spigot.cli.admin import keys, usage
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spigot")
 def main() -> None:
-    """OpenAI-compatible streaming completions from local models."""
+    """OpenAI-compatible streaming completions from local models and other engines."""
 
 
 main.add_command(serve.serve)

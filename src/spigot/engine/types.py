@@ -88,6 +88,8 @@ class GenRequest:
     # Prefixes are reused only between requests of the same scope (one API key):
     # a cached prefix must not tell one tenant what another sent.
     cache_scope: str = ""
+    # The HTTP request's id (x-request-id), for an engine elsewhere to log with it.
+    trace_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

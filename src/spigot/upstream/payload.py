@@ -73,4 +73,5 @@ def sampling(params: SamplingParams, *, chat: bool) -> dict[str, Any]:
 
 def headers_of(request: GenRequest) -> dict[str, str]:
     """Per request (the pool's client adds authorization)."""
-    return {"Accept": "text/event-stream", "x-request-id": request.request_id}
+    # The client's request id, so that the upstream's logs line up with ours.
+    return {"Accept": "text/event-stream", "x-request-id": request.trace_id or request.request_id}

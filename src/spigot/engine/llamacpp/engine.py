@@ -160,7 +160,7 @@ class LlamaCppEngine:
         try:
             tokens = self.prompt_tokenizer.chat(
                 self._render_chat,
-                [dict(m) for m in messages],
+                [_for_template(m) for m in messages],
                 specials_in_content=self.options.special_tokens_in_content,
             )
         except ChatTemplateError as exc:
@@ -254,3 +254,10 @@ class LlamaCppEngine:
             if output.finished:
                 del self._streams[request_id]
             stream.deliver(request_id, output)
+
+
+def _for_template(message: Mapping[str, Any]) -> dict[str, Any]:
+    # Templates know system/user/assistant; "developer" is OpenAI's new name for system.
+    if message.get("role") == "developer":
+        return {**message, "role": "system"}
+    return dict(message)
