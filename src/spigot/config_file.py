@@ -21,8 +21,8 @@
     gguf = "embedded"                 # or a path: a local llama.cpp model in the same server
 
 Everything is checked when the file is read; a mistake stops ``serve`` with
-the file, the entry and the reason (``ConfigError``). Relative paths are
-relative to the file.
+the file, the entry and the reason (``ConfigError``). Relative paths (gguf,
+tokenizer, and options such as ``guard``) are relative to the file.
 """
 
 from __future__ import annotations

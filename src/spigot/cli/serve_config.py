@@ -81,6 +81,9 @@ def read_gateway(
             continue  # flags win
         if param.multiple and not isinstance(value, list):
             value = [value]
+        if isinstance(param.type, click.Path) and isinstance(value, str):
+            # A file named in the file is found next to it, as its gguf and tokenizer are.
+            value = str(config_path.parent / Path(value).expanduser())
         try:
             options[param.name] = param.type_cast_value(ctx, value)
         except click.BadParameter as exc:
