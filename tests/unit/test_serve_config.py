@@ -54,7 +54,7 @@ def test_file_options_apply_flags_and_environment_win(
 def test_a_bad_value_in_the_file_names_it(tmp_path: Path) -> None:
     config = tmp_path / "spigot.toml"
     config.write_text('port = "eighty"\n', encoding="utf-8")
-    with pytest.raises(click.ClickException, match="spigot.toml: port: "):
+    with pytest.raises(click.ClickException, match=r"spigot\.toml: port: "):
         settings_for(["--config", str(config)])
 
 
