@@ -158,7 +158,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.timeout_keep_alive = self.limits.idle_timeout
+        # uvicorn annotates an int; its timer takes seconds as a float just as well.
+        self.timeout_keep_alive = self.limits.idle_timeout  # type: ignore[assignment]
         self._refused = False
         # Bytes of the request head read so far; None while no head is being read.
         self._head_bytes: int | None = 0

@@ -138,7 +138,7 @@ def run(settings: Settings, *, verbose_llama: bool = False) -> None:
         port=settings.port,
         log_level=settings.log_level,
         http=http_protocol(limits),
-        timeout_keep_alive=limits.idle_timeout,
+        timeout_keep_alive=limits.idle_timeout,  # type: ignore[arg-type]  # a float works
         # Streams are long-lived: on shutdown, running ones get the grace period
         # (spigot.api.shutdown), then a margin to be billed and told.
         timeout_graceful_shutdown=int(settings.shutdown_grace) + SHUTDOWN_MARGIN,

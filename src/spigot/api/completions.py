@@ -135,16 +135,17 @@ def _prepare_prompts(body: CompletionRequest, engine: Engine, context: JobContex
         )
     )
     prompts: list[_Prompt] = []
-    for prompt, text in zip(given, texts, strict=True):
+    for ids, text in zip(given, texts, strict=True):
         seen = None if text is None else next(checked)
-        if prompt is None or (seen is not None and seen != text):
-            # A string, or tokens an input rule rewrote.
-            assert seen is not None
-            try:
-                prompt = engine.prepare_text(seen)
-            except PromptError as exc:
-                raise InvalidRequest(str(exc), param="prompt") from None
-        prompts.append(_Prompt(prompt, seen))
+        if ids is not None and (seen is None or seen == text):
+            prompts.append(_Prompt(ids, seen))
+            continue
+        # A string, or tokens an input rule rewrote.
+        assert seen is not None
+        try:
+            prompts.append(_Prompt(engine.prepare_text(seen), seen))
+        except PromptError as exc:
+            raise InvalidRequest(str(exc), param="prompt") from None
     return prompts
 
 

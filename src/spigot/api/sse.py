@@ -45,7 +45,7 @@ class EventStreamResponse(Response):
         self.status_code = 200
         self.background = None
         self._body = body
-        self._headers = {**SSE_HEADERS, **(headers or {})}
+        self._event_headers = {**SSE_HEADERS, **(headers or {})}
         # Runs however sending ends, even if the body never started.
         self._on_close = on_close
 
@@ -65,7 +65,7 @@ class EventStreamResponse(Response):
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(k.encode(), v.encode()) for k, v in self._headers.items()],
+                "headers": [(k.encode(), v.encode()) for k, v in self._event_headers.items()],
             }
         )
         sender = asyncio.create_task(self._send_body(send))

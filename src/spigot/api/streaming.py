@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -156,7 +156,7 @@ class StreamedRequest:
         self._interruption = state.shutdown.track(stream)
         self._checkpoints = Checkpoints(state, record)
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
         fmt, record, stream, guard = self._fmt, self._record, self._stream, self._guard
         interruption = self._interruption
         try:

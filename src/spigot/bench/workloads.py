@@ -188,7 +188,7 @@ _POLICIES = """Policies:
 
 
 def _catalogue(rng: random.Random, count: int) -> list[dict[str, Any]]:
-    items = []
+    items: list[dict[str, Any]] = []
     names: set[str] = set()
     while len(items) < count:
         kind, category = rng.choice(_KINDS)
