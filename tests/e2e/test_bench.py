@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from benchmarks.docs import MARKERS, end_marker, start_marker
 
+from benchmarks.docs import MARKERS, end_marker, start_marker
 from spigot.bench.load import BenchConfig, Target, run_bench
 from spigot.bench.workloads import load_workload
 from tests.e2e.server import ROOT, RunningServer, free_port

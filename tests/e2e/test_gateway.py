@@ -465,7 +465,6 @@ def test_config_errors_stop_serve_naming_file_entry_and_reason(
 def llama_server() -> Iterator[str]:
     """llama-server serving the embedded model, as ``make llama-server`` builds it (CI does)."""
     from benchmarks.peers import LLAMA_SERVER, llama_server_path, peer_command
-
     from spigot.models import embedded_model_path
     from tests.e2e.server import free_port
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.docs import render_peer
-
 from spigot.bench.request import RequestResult
 from spigot.bench.stats import LevelRun, aggregate_level
 

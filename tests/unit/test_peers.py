@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from benchmarks import peers
 
 MODEL = Path("/models/m.gguf")

@@ -319,7 +319,14 @@ def serve(
 ) -> None:
     """Serve models over the OpenAI API, streaming included."""
     from spigot.cli.serve_config import read_gateway, with_gateway
-    from spigot.server import run
+
+    try:
+        from spigot.server import run
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            f"spigot serve needs the server's packages ({exc.name} is missing): "
+            "pip install 'spigot[serve]'"
+        ) from None
 
     gateway = read_gateway(click.get_current_context(), config_path, upstream_args, options)
     settings = build_settings(**options, gateway_models=gateway.model_names())
