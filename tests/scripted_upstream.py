@@ -53,7 +53,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +64,8 @@ from typing import Any
 
 import httpx
 import orjson
+
+from tests.e2e.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORD = re.compile(r"\s*\S+")
@@ -503,12 +504,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # -- what tests use -------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from spigot.metering import LedgerEntry, open_store
-from tests.e2e.server import ROOT, RunningServer, start_server
+from tests.e2e.server import ROOT, RunningServer, free_port, start_server
 from tests.scripted_upstream import ScriptedUpstream, start_scripted_upstream
 from tests.unit.metering_db import PgDatabase, pg_database, pg_server  # noqa: F401 (fixtures)
 
@@ -110,8 +110,6 @@ targets = ["dead:m", "b:m"]
 
 
 def closed_port() -> int:
-    from tests.e2e.server import free_port
-
     return free_port()  # nothing listens there
 
 
@@ -466,7 +464,6 @@ def llama_server() -> Iterator[str]:
     """llama-server serving the embedded model, as ``make llama-server`` builds it (CI does)."""
     from benchmarks.peers import LLAMA_SERVER, llama_server_path, peer_command
     from spigot.models import embedded_model_path
-    from tests.e2e.server import free_port
 
     if not llama_server_path().exists():
         pytest.skip("llama-server is not built here: `make llama-server` builds it")
