@@ -3,6 +3,14 @@
 For unit tests and fault injection only; every feature is also tested on the
 real model end to end. It is a ``ModelProtocol`` (checked by mypy below, and
 by ``isinstance`` in ``test_compute_thread.py``).
+
+Constrained decoding: ``grammar_tokenizer`` gives llguidance the fake
+vocabulary (letters, space, the two bytes of "é", and EOS). Each step's logits
+rows are zeros that a grammar may mask; the sampler follows its script
+regardless (a token the grammar refuses is how a matcher error is injected),
+unless ``obey_masks``: then a scripted token that is masked (or held back
+end of generation) gives way to the first allowed one, and a row that allows
+nothing fails the step, where llama.cpp would sample garbage.
 """
 
 from __future__ import annotations
@@ -10,10 +18,12 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import numpy.typing as npt
+from llguidance import LLTokenizer
+from llguidance._tokenizer import TokenizerWrapper
 
 from spigot.engine.llamacpp.model import Batch
 from spigot.engine.llamacpp.prompt_tokens import SpecialToken
@@ -41,7 +51,19 @@ class FakeSampler:
             token = self.model.script[self.position % len(self.model.script)]
             self.position += 1
             if not (self.suppress_eog and token == EOS):
-                return token
+                break
+        row = self.model.logits_row(batch_index)
+        self.model.sampled_rows.append(row.copy())
+        if not self.model.obey_masks:
+            return token
+        allowed = row.copy()
+        if self.suppress_eog:
+            allowed[EOS] = -np.inf  # as llama.cpp's logit bias does
+        if not np.isfinite(allowed).any():
+            raise RuntimeError("sampling from a distribution without any token")
+        if allowed[token] == -np.inf:
+            return int(np.argmax(allowed))  # the first token the mask allows
+        return token
 
     def accept(self, token: int) -> None:
         pass
@@ -65,6 +87,9 @@ class FakeModel:
     # Simulated time: each decode advances ``now`` by step_seconds(tokens in the batch).
     step_seconds: Callable[[int], float] | None = None
     now: float = 0.0
+    obey_masks: bool = False  # the sampler avoids tokens a grammar masked
+    # The logits rows the sampler read, as it read them (masks applied).
+    sampled_rows: list[npt.NDArray[np.float32]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pieces: list[bytes] = PIECES
@@ -75,6 +100,8 @@ class FakeModel:
         self.add_bos: bool = False
         self.add_eos: bool = False
         self.batch: Batch = Batch(64)
+        self._rows: dict[int, npt.NDArray[np.float32]] = {}
+        self.tokenizers_built = 0
 
     def metadata(self, key: str) -> str | None:
         return None
@@ -88,11 +115,16 @@ class FakeModel:
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         return [token_of(c) if c in LETTERS else token_of(" ") for c in text]
 
+    def grammar_tokenizer(self) -> LLTokenizer:
+        self.tokenizers_built += 1
+        return fake_grammar_tokenizer()
+
     def clock(self) -> float:
         return self.now
 
     def decode(self) -> int:
         self.steps += 1
+        self._rows.clear()  # fresh logits every step, as llama.cpp's
         if self.step_seconds is not None:
             self.now += self.step_seconds(self.batch.n_tokens)
         if self.fail_at_step is not None and self.steps == self.fail_at_step:
@@ -102,7 +134,12 @@ class FakeModel:
         return 0
 
     def logits_row(self, batch_index: int) -> npt.NDArray[np.float32]:
-        return np.zeros(self.n_vocab, dtype=np.float32)
+        # One array per row and step, so a mask written into it stays, as in
+        # llama.cpp's logits buffer.
+        row = self._rows.get(batch_index)
+        if row is None:
+            row = self._rows[batch_index] = np.zeros(self.n_vocab, dtype=np.float32)
+        return row
 
     def remove_sequence(self, seq_id: int, keep: int = 0) -> None:
         self.removed.append((seq_id, keep))
@@ -130,6 +167,28 @@ class FakeModel:
 
     def close(self) -> None:
         pass
+
+
+class _FakeTokenizer:
+    """What ``TokenizerWrapper`` reads: the tokens' bytes and a tokenize function."""
+
+    eos_token_id = EOS
+    bos_token_id = None
+    # llguidance marks special tokens with a leading 0xff byte (its llama.cpp bridge does too).
+    tokens: ClassVar[list[bytes]] = [b"\xff<eos>", *PIECES[1:]]
+    special_token_ids: ClassVar[list[int]] = [EOS]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        raw = text if isinstance(text, bytes) else text.encode()
+        out: list[int] = []
+        for ch in raw.decode(errors="ignore"):
+            out += list(E_ACUTE) if ch == "é" else [token_of(ch if ch in LETTERS else " ")]
+        return out
+
+
+def fake_grammar_tokenizer() -> LLTokenizer:
+    """llguidance's tokenizer of the fake vocabulary, EOS its end of generation."""
+    return LLTokenizer(TokenizerWrapper(_FakeTokenizer()))
 
 
 if TYPE_CHECKING:

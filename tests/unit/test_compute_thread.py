@@ -52,9 +52,27 @@ def test_a_context_refuses_a_decode_from_a_second_thread() -> None:
     try:
         # Every member the engine uses, present (mypy checks their types).
         assert isinstance(model, ModelProtocol)
-        # Both on short-lived threads, so that no OpenMP team outlives the test.
-        assert on_a_thread(lambda: decode_one_token(model)) == 0
-        refused = on_a_thread(lambda: decode_one_token(model))
+        # Both on short-lived threads, so that no OpenMP team outlives the test. The
+        # first stays alive until the second has tried: a finished thread's id may be
+        # given to the next one, which would then pass for the first.
+        decoded = threading.Event()
+        release = threading.Event()
+        first_rc: list[int] = []
+
+        def first() -> None:
+            first_rc.append(decode_one_token(model))
+            decoded.set()
+            release.wait(30)
+
+        holder = threading.Thread(target=first)
+        holder.start()
+        try:
+            assert decoded.wait(30)
+            refused = on_a_thread(lambda: decode_one_token(model))
+        finally:
+            release.set()
+            holder.join()
+        assert first_rc == [0]
         assert isinstance(refused, RuntimeError)
         assert "one thread" in str(refused)
     finally:

@@ -5,7 +5,8 @@ one batch, decodes it, samples the sequences that completed, turns their
 tokens into text deltas, and hands all of the step's outputs to ``emit`` in
 one call. Admission and aborts take effect at every step. Each decode is
 timed, so that while streams decode, prompt chunks are sized to a time budget
-(``step_costs.py``).
+(``step_costs.py``). A constrained sequence's logits are masked by its grammar
+before its sampler runs (``constraint.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from spigot.engine.llamacpp.constraint import Grammars, SequenceGrammar
 from spigot.engine.llamacpp.model_protocol import ModelProtocol, TokenSampler
 from spigot.engine.llamacpp.output import TextAssembler
 from spigot.engine.llamacpp.prefix_cache import DropKV, ForgetKV, LoadKV, SaveKV
@@ -48,6 +50,7 @@ class _Runtime:
     sampler: TokenSampler | None
     text: TextAssembler
     eog_suppressed: bool
+    grammar: SequenceGrammar | None = None  # a constrained sequence's matcher
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
@@ -59,11 +62,14 @@ class EngineCore:
         emit: Emit,
         prefill_slowdown: float = 0.0,
         clock: Callable[[], float] = time.perf_counter,
+        grammars: Grammars | None = None,
     ) -> None:
         """``prefill_slowdown``: while streams decode, a step with prompt tokens
         may take this many times a decode-only step; 0 leaves chunk sizes to
-        the scheduler's token limits alone. ``clock`` times the decodes."""
+        the scheduler's token limits alone. ``clock`` times the decodes.
+        ``grammars``: the model's compiled grammars (made here if not given)."""
         self.model = model
+        self.grammars = grammars or Grammars(model.grammar_tokenizer, model.n_vocab)
         self.scheduler = scheduler
         self._emit = emit
         self.prefill_slowdown = prefill_slowdown
@@ -251,11 +257,18 @@ class EngineCore:
         self.costs.record(plan.num_decode, batch.n_tokens - plan.num_decode, seconds)
 
         sampled: dict[Sequence, int] = {}
+        failed: list[tuple[Sequence, str]] = []
         for seq, idx in sample_at:
-            sampled[seq] = self._sample(seq, idx)
+            token = self._sample(seq, idx)
+            if isinstance(token, str):
+                failed.append((seq, token))
+            else:
+                sampled[seq] = token
         self.scheduler.update(plan, sampled)
 
-        outputs: list[tuple[str, GenOutput]] = []
+        outputs: list[tuple[str, GenOutput]] = [
+            (seq.request_id, self._end_with_error(seq, message)) for seq, message in failed
+        ]
         for seq, token in sampled.items():
             out = self._process_token(seq, token)
             if out is not None:
@@ -278,20 +291,32 @@ class EngineCore:
         rt: _Runtime | None = seq.runtime
         if rt is None:
             params = seq.request.params
+            constraint = params.constraint
+            grammar = None if constraint is None else SequenceGrammar(self.grammars, constraint)
             rt = _Runtime(
                 sampler=None,
                 text=TextAssembler(params.stop),
-                eog_suppressed=params.ignore_eos or params.min_tokens > 0,
+                # While a grammar masks, it alone decides where the sequence may
+                # end: held-back end-of-generation could leave no token allowed.
+                eog_suppressed=(params.ignore_eos or params.min_tokens > 0)
+                and (grammar is None or not grammar.masking),
+                grammar=grammar,
             )
             seq.runtime = rt
         return rt
 
-    def _sample(self, seq: Sequence, idx: int) -> int:
+    def _sample(self, seq: Sequence, idx: int) -> int | str:
+        """The next token, or why the sequence must end with an error (its grammar)."""
         rt = self._runtime(seq)
         params = seq.request.params
-        if rt.eog_suppressed and not params.ignore_eos and seq.num_generated >= params.min_tokens:
-            # min_tokens reached: sample with end-of-generation allowed again,
-            # replaying what was generated so penalties still see it.
+        grammar = rt.grammar
+        if rt.eog_suppressed and (
+            (grammar is not None and grammar.masking)
+            or (not params.ignore_eos and seq.num_generated >= params.min_tokens)
+        ):
+            # min_tokens reached, or a lazy grammar took over: sample with
+            # end-of-generation allowed again, replaying what was generated so
+            # penalties still see it.
             if rt.sampler is not None:
                 rt.sampler.close()
             rt.sampler = self.model.new_sampler(params, suppress_eog=False)
@@ -300,9 +325,17 @@ class EngineCore:
             rt.eog_suppressed = False
         if rt.sampler is None:
             rt.sampler = self.model.new_sampler(params, suppress_eog=rt.eog_suppressed)
+        if grammar is not None:
+            # In place, before the sampler reads the row.
+            if grammar.masking:
+                grammar.mask(self.model.logits_row(idx))
+            if grammar.error is not None:
+                return grammar.error
         token = rt.sampler.sample(idx)
         if params.logprobs is not None:
             rt.logprobs.append(self._logprob(idx, token, params.logprobs))
+        if grammar is not None:
+            grammar.accept(token, self.model.pieces[token])
         return token
 
     def _logprob(self, idx: int, token: int, top_n: int) -> TokenLogprob:
@@ -313,7 +346,12 @@ class EngineCore:
         if top_n > 0:
             best = np.argpartition(row, -top_n)[-top_n:]
             best = best[np.argsort(row[best])[::-1]]
-            top = tuple(self._token_entry(int(t), float(row[t] - log_z)) for t in best)
+            # A grammar's mask leaves refused tokens at -inf: not alternatives.
+            top = tuple(
+                self._token_entry(int(t), float(row[t] - log_z))
+                for t in best
+                if np.isfinite(row[t])
+            )
         text, raw, lp = self._token_entry(token, float(row[token] - log_z))
         return TokenLogprob(text, raw, lp, top)
 
@@ -324,6 +362,9 @@ class EngineCore:
     def _process_token(self, seq: Sequence, token: int) -> GenOutput | None:
         """Text for a freshly sampled token, and whether the sequence ends here."""
         rt: _Runtime = seq.runtime
+        grammar = rt.grammar
+        if grammar is not None and grammar.error is not None:
+            return self._end_with_error(seq, grammar.error)
         reason: FinishReason | None = None
         stopped_by_string = False
         text = ""
@@ -335,6 +376,8 @@ class EngineCore:
             if step.stopped:
                 reason = FinishReason.STOP
                 stopped_by_string = True
+        if reason is None and grammar is not None and grammar.complete:
+            reason = FinishReason.STOP  # the output matches and nothing may follow
         if reason is None and seq.num_generated >= seq.request.params.max_tokens:
             reason = FinishReason.LENGTH
         if reason is None:
@@ -349,6 +392,13 @@ class EngineCore:
         self.scheduler.finish(seq, reason)
         self._release(seq)
         return self._final_output(seq, reason, text, self._take_logprobs(rt))
+
+    def _end_with_error(self, seq: Sequence, message: str) -> GenOutput:
+        """End one sequence that cannot go on (its grammar failed); the others run on."""
+        log.warning("sequence %s ended: %s", seq.request_id, message)
+        self.scheduler.finish(seq, FinishReason.ERROR)
+        self._release(seq)
+        return self._final_output(seq, FinishReason.ERROR, error=message)
 
     @staticmethod
     def _final_output(
@@ -381,6 +431,8 @@ class EngineCore:
         if rt is not None and rt.sampler is not None:
             rt.sampler.close()
             rt.sampler = None
+        if rt is not None:
+            rt.grammar = None  # its matcher's memory, at once
 
     def _fail_all(self, message: str) -> None:
         outputs: list[tuple[str, GenOutput]] = []

@@ -14,10 +14,12 @@ import mmap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import llama_cpp as ll
 import numpy as np
 import numpy.typing as npt
+from llguidance import LLTokenizer
 
 from spigot.engine.llamacpp.prompt_tokens import SpecialToken
 from spigot.engine.types import SamplingParams
@@ -289,6 +291,44 @@ class LlamaCppModel:
             buf = (ll.llama_token * cap)()
             n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
+
+    def grammar_tokenizer(self) -> LLTokenizer:
+        """An llguidance tokenizer of this vocabulary (any thread: it reads the
+        vocabulary; its tokenizing calls ``llama_tokenize``, which only reads too).
+
+        What ``llguidance.llamacpp.lltokenizer_from_vocab`` does, but that calls
+        llama_cpp's deprecated ``llama_token_get_attr``: one DeprecationWarning per
+        token, and silencing them would take the process-wide warnings filter
+        from whatever thread builds this.
+        """
+        tokens: list[bytes] = []
+        for token in range(self.n_vocab):
+            raw = self._piece(token, special=True)
+            attr = ll.llama_vocab_get_attr(self.vocab, token)
+            # llguidance's mark of a special token: a leading 0xff byte, which no
+            # UTF-8 text has (so a grammar's text never matches one by accident).
+            if attr & ll.LLAMA_TOKEN_ATTR_CONTROL or (
+                attr & ll.LLAMA_TOKEN_ATTR_USER_DEFINED
+                and raw.startswith(b"<")
+                and raw.endswith(b">")
+            ):
+                raw = b"\xff" + raw
+            tokens.append(raw)
+        # llguidance tokenizes text (a lazy grammar's trigger) with llama.cpp's
+        # own tokenizer, called natively through this pointer.
+        tokenize = ctypes.cast(ll.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+        from_llamacpp = getattr(LLTokenizer, "from_llamacpp")  # noqa: B009 (not in its stubs)
+        return cast(
+            LLTokenizer,
+            from_llamacpp(
+                tokens=tokens,
+                vocab_ptr=self.vocab,
+                tokenize_fptr=tokenize,
+                # Every end-of-generation token: the mask allows ending on any of them.
+                eos_token=sorted(self.eog_ids),
+                slices=None,
+            ),
+        )
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
