@@ -16,6 +16,11 @@ at the bottom) with no model and no threads. Everything is deterministic:
   ``refuse`` (``ready()`` raises it: ``EngineRefused`` or ``EngineUnavailable``),
   ``queue_limit`` (``QueueFull`` beyond it). ``abort`` ends a sequence at once
   with an ``ABORT`` output and the usage until then.
+- Constraints: ``prepare_constraint`` keeps each one in ``constraints`` and
+  compiles nothing; the grammar text ``"invalid"`` raises ``PromptError`` (as an
+  engine's grammar compiler refusing it), and a remote engine refuses a
+  constraint without OpenAI fields (``Unsupported``), as ``UpstreamEngine`` does.
+  The pieces are not made to match the grammar: script them.
 - Remote mode (``ScriptedEngine.remote()``, or the options one by one): no local
   tokenizer (``tokenizes_locally`` False, ``vocab_size`` None, ``detokenize``
   raises ``Unsupported``), prompts keep their messages or text with an estimate
@@ -40,7 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 from spigot.engine.protocol import PromptError, QueueFull, Unsupported
 from spigot.engine.stream import RequestStream
+from spigot.engine.tool_format import generic_messages
 from spigot.engine.types import (
+    Constraint,
     FinishReason,
     GenOutput,
     GenRequest,
@@ -54,6 +61,9 @@ if TYPE_CHECKING:
     from spigot.engine.protocol import Engine
 
 Pieces = Sequence[str] | Callable[[GenRequest], Sequence[str]]
+
+# The grammar text ``prepare_constraint`` refuses.
+INVALID_GRAMMAR = "invalid"
 
 
 def render_chat(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -135,6 +145,9 @@ class ScriptedEngine:
         # What happened.
         self.started = False
         self.prepared: list[Prompt] = []
+        # Each chat prepared: (messages, tools) as the API passed them.
+        self.chats: list[tuple[list[Mapping[str, Any]], list[Mapping[str, Any]] | None]] = []
+        self.constraints: list[Constraint] = []
         self.submitted: list[GenRequest] = []
         self.aborted: list[str] = []
         self.ended: dict[str, GenOutput] = {}  # request id -> its last output
@@ -202,10 +215,18 @@ class ScriptedEngine:
         self.prepared.append(prompt)
         return prompt
 
-    def prepare_chat(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
+    def prepare_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Prompt:
         if not messages:
             raise PromptError("'messages' must hold at least one message.")
-        return self._prompt_of(render_chat(messages), messages=tuple(messages))
+        # A template that does not know tools: the generic format, as the embedded model.
+        rendered = render_chat(generic_messages(messages, tools))
+        self.chats.append((list(messages), list(tools) if tools else None))
+        kept = {"tools": tuple(tools)} if tools else {}
+        return self._prompt_of(rendered, messages=tuple(messages), **kept)
 
     def prepare_text(self, text: str) -> Prompt:
         if not text.strip():
@@ -227,6 +248,14 @@ class ScriptedEngine:
         prompt = Prompt.of_tokens(token_ids)
         self.prepared.append(prompt)
         return prompt
+
+    def prepare_constraint(self, constraint: Constraint) -> None:
+        if constraint.grammar == INVALID_GRAMMAR:
+            raise PromptError("The grammar is not valid: scripted refusal")
+        if not self.tokenizes_locally and not constraint.openai:
+            raise Unsupported(f"The model '{self.model_id}' cannot constrain this output.")
+        with self._lock:
+            self.constraints.append(constraint)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         if not self.tokenizes_locally:

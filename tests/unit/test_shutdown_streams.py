@@ -6,9 +6,11 @@ import asyncio
 from dataclasses import dataclass
 
 from spigot.api.chat import ChatChunks
+from spigot.api.holdback import OutputStages
 from spigot.api.shutdown import Shutdown
 from spigot.api.state import RequestRecord, ServerState
 from spigot.api.streaming import StreamedRequest
+from spigot.api.wire_events import ChunkEvents
 from spigot.engine.stream import RequestStream
 from spigot.engine.types import FinishReason, GenOutput, Usage
 
@@ -39,10 +41,9 @@ def streamed_request(grace: float) -> tuple[StreamedRequest, RequestStream, Serv
     request = StreamedRequest(
         state=state,
         stream=stream,
-        fmt=ChatChunks("chatcmpl-1", 0, "m", False),
+        writer=ChunkEvents(ChatChunks("chatcmpl-1", 0, "m", False), 1, include_usage=True),
         record=record,
-        choices=1,
-        include_usage=True,
+        stages=OutputStages([]),
     )
     return request, stream, state
 

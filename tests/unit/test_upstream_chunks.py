@@ -282,7 +282,7 @@ def test_finish_reasons() -> None:
     assert finish_reason("stop") is FinishReason.STOP
     assert finish_reason("length") is FinishReason.LENGTH
     assert finish_reason("content_filter") is FinishReason.CONTENT_FILTER
-    assert finish_reason("tool_calls") is FinishReason.STOP
+    assert finish_reason("tool_calls") is FinishReason.TOOL_CALLS
     assert finish_reason("eos") is FinishReason.STOP
     assert finish_reason(None) is None
 

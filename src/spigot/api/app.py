@@ -19,6 +19,7 @@ from spigot import __version__
 from spigot.api import admin, chat, completions, models, streams, tokens
 from spigot.api.openapi import install_openapi
 from spigot.api.responses import error_response, json_response
+from spigot.api.responses_api import routes as responses_api
 from spigot.api.state import ServerState
 from spigot.api.streaming import ClientDisconnected
 from spigot.engine.protocol import EngineRefused, EngineUnavailable
@@ -155,6 +156,7 @@ def create_app(state: ServerState, *, cors_origins: tuple[str, ...] = ()) -> Fas
     app.state.spigot = state
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(responses_api.router)
     app.include_router(models.router)
     app.include_router(tokens.router)
     app.include_router(streams.router)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter
@@ -12,11 +13,16 @@ from starlette.responses import Response
 from spigot.api import unsupported
 from spigot.api.generation import JobContext, Prepared, serve_generation
 from spigot.api.guarding import guard_inputs
+from spigot.api.holdback import OutputStage
 from spigot.api.schemas import ChatCompletionRequest
 from spigot.api.state import resolve_max_tokens
 from spigot.api.streaming import finish_reason_of, with_extras
-from spigot.engine.protocol import Engine, PromptError
-from spigot.engine.types import GenOutput, GenRequest, TokenLogprob
+from spigot.api.structured import format_constraint
+from spigot.api.tool_calls import ToolCallStage
+from spigot.api.tools import ToolRequest, tool_constraint
+from spigot.api.wire_events import ChunkEvents
+from spigot.engine.protocol import Engine, OutputStream, PromptError
+from spigot.engine.types import Constraint, GenOutput, GenRequest, TokenLogprob, ToolCallDelta
 from spigot.errors import InvalidRequest
 
 router = APIRouter()
@@ -37,6 +43,39 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
         ],
         "refusal": None,
     }
+
+
+def tool_call_deltas(deltas: Iterable[ToolCallDelta]) -> list[dict[str, Any]]:
+    """A chunk's ``delta.tool_calls``: one entry per call, as OpenAI sends them (the
+    first of a call with its id, type and name; later ones its arguments only)."""
+    entries: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        entry = entries.get(d.index)
+        if entry is not None:
+            entry["function"]["arguments"] += d.arguments
+        elif d.name is not None:
+            entries[d.index] = {
+                "index": d.index,
+                "id": d.id,
+                "type": "function",
+                "function": {"name": d.name, "arguments": d.arguments},
+            }
+        else:
+            entries[d.index] = {"index": d.index, "function": {"arguments": d.arguments}}
+    return list(entries.values())
+
+
+def tool_calls_message(outputs: Iterable[GenOutput]) -> list[dict[str, Any]]:
+    """The non-streamed message's ``tool_calls``, assembled from a choice's deltas."""
+    calls: dict[int, dict[str, Any]] = {}
+    for output in outputs:
+        for d in output.tool_calls:
+            call = calls.setdefault(
+                d.index, {"id": d.id, "type": "function", "function": {"name": d.name}}
+            )
+            function = call["function"]
+            function["arguments"] = function.get("arguments", "") + d.arguments
+    return [calls[i] for i in sorted(calls)]
 
 
 class ChatChunks:
@@ -67,7 +106,9 @@ class ChatChunks:
 
     def content(self, output: GenOutput) -> dict[str, Any]:
         logprobs = chat_logprobs(output.logprobs) if self._with_logprobs else None
-        delta = {"content": output.text} if output.text else {}
+        delta: dict[str, Any] = {"content": output.text} if output.text else {}
+        if output.tool_calls:
+            delta["tool_calls"] = tool_call_deltas(output.tool_calls)
         chunk = self._chunk(output.choice_index, delta, logprobs, None)
         return with_extras(chunk, delta, output)
 
@@ -91,6 +132,7 @@ class ChatJob:
         self._context = context
         self.n = self.sequences = body.choices
         self.wants_logprobs = bool(body.logprobs)
+        self._tools: ToolRequest | None = body.tool_request()
 
     def prepare(self) -> Prepared:
         body, engine, context = self._body, self._engine, self._context
@@ -105,10 +147,12 @@ class ChatJob:
         )
         for message, content in zip(messages, contents, strict=True):
             message["content"] = content
+        tools = self._tools
         try:
-            prompt = engine.prepare_chat(messages)
+            prompt = engine.prepare_chat(messages, tools.tools if tools else None)
         except PromptError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
+        constraint = self._constraint()
         max_tokens, given = resolve_max_tokens(
             engine, prompt, body.requested_max_tokens, param="messages"
         )
@@ -122,6 +166,7 @@ class ChatJob:
                     vocab_size=engine.vocab_size,
                     logprobs=body.logprobs_count,
                     choice=i,
+                    constraint=constraint,
                 ),
                 i,
                 cache_scope=context.cache_scope,
@@ -131,13 +176,53 @@ class ChatJob:
         ]
         return Prepared(requests, (prompt.token_count,), max_tokens * self.n)
 
+    def _constraint(self) -> Constraint | None:
+        """The grammar of the tool calls or of ``response_format``, compiled by the
+        engine here, in the prep pool; 400 naming the field it cannot enforce."""
+        body, tools = self._body, self._tools
+        constraint, param = None, "response_format"
+        if tools is not None and tools.constrained:
+            constraint, param = tool_constraint(tools), "tools"
+            if body.response_format is not None and constraint is not None:
+                # Calls are the whole reply: the format would apply to text there is none
+                # of; an engine elsewhere is told both.
+                fmt = format_constraint(body.response_format)
+                extra = fmt.openai if fmt is not None else {}
+                constraint = replace(constraint, openai={**extra, **constraint.openai})
+        elif body.response_format is not None:
+            constraint = format_constraint(body.response_format)
+            if constraint is not None and tools is not None:
+                constraint = replace(constraint, openai={**constraint.openai, **tools.openai()})
+        if constraint is None:
+            return None
+        try:
+            self._engine.prepare_constraint(constraint)
+        except PromptError as exc:
+            raise InvalidRequest(str(exc), param=param) from None
+        return constraint
+
     def preamble(self) -> Sequence[GenOutput]:
         return ()
 
-    def chunks(self, completion_id: str, created: int, model: str) -> ChatChunks:
-        return ChatChunks(completion_id, created, model, self.wants_logprobs)
+    def output_stages(self, stream: OutputStream) -> Sequence[OutputStage]:
+        tools = self._tools
+        if tools is None or not tools.constrained:
+            return ()  # "none": the reply is text, whatever it spells
+        # An engine that tokenizes here enforced the grammar: arguments can stream.
+        # One elsewhere did not: each call is checked whole before it is sent.
+        return (
+            ToolCallStage(
+                self.sequences, tools.names, stream_arguments=self._engine.tokenizes_locally
+            ),
+        )
 
-    def body(
+    def events(
+        self, completion_id: str, created: int, model: str, include_usage: bool
+    ) -> ChunkEvents:
+        chunks = ChatChunks(completion_id, created, model, self.wants_logprobs)
+        return ChunkEvents(chunks, self.sequences, include_usage)
+
+    async def body(
         self,
         per_choice: list[list[GenOutput]],
         completion_id: str,
@@ -148,14 +233,15 @@ class ChatJob:
         choices = []
         for i, outputs in enumerate(per_choice):
             logprobs = [e for o in outputs for e in o.logprobs]
+            content: str | None = "".join(o.text for o in outputs)
+            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+            if calls := tool_calls_message(outputs):
+                message["content"] = content or None
+                message["tool_calls"] = calls
             choices.append(
                 {
                     "index": i,
-                    "message": {
-                        "role": "assistant",
-                        "content": "".join(o.text for o in outputs),
-                        "refusal": None,
-                    },
+                    "message": message,
                     "logprobs": chat_logprobs(logprobs) if self.wants_logprobs else None,
                     "finish_reason": finish_reason_of(outputs),
                 }

@@ -13,10 +13,12 @@ from starlette.responses import Response
 from spigot.api import unsupported
 from spigot.api.generation import JobContext, Prepared, serve_generation
 from spigot.api.guarding import guard_inputs
+from spigot.api.holdback import OutputStage
 from spigot.api.schemas import CompletionRequest
 from spigot.api.state import resolve_max_tokens
 from spigot.api.streaming import finish_reason_of, with_extras
-from spigot.engine.protocol import Engine, PromptError
+from spigot.api.wire_events import ChunkEvents
+from spigot.engine.protocol import Engine, OutputStream, PromptError
 from spigot.engine.types import GenOutput, GenRequest, Prompt, TokenLogprob
 from spigot.errors import InvalidRequest
 
@@ -202,11 +204,17 @@ class CompletionJob:
         n = self.n
         return [GenOutput(c, self._prompts[c // n].text or "") for c in range(self.sequences)]
 
-    def chunks(self, completion_id: str, created: int, model: str) -> CompletionChunks:
-        logprobs = LogprobsWriter(self.sequences) if self.wants_logprobs else None
-        return CompletionChunks(completion_id, created, model, logprobs)
+    def output_stages(self, stream: OutputStream) -> Sequence[OutputStage]:
+        return ()
 
-    def body(
+    def events(
+        self, completion_id: str, created: int, model: str, include_usage: bool
+    ) -> ChunkEvents:
+        logprobs = LogprobsWriter(self.sequences) if self.wants_logprobs else None
+        chunks = CompletionChunks(completion_id, created, model, logprobs)
+        return ChunkEvents(chunks, self.sequences, include_usage)
+
+    async def body(
         self,
         per_choice: list[list[GenOutput]],
         completion_id: str,

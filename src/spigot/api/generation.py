@@ -10,7 +10,8 @@
     reserve (phase 2)          tokens per minute and budget, with the counts
     submit, wait until ready   503 when the engine's queue is full; an upstream's
                                refusal before any output passes through
-    guard, stream or collect   output rules, then SSE or one JSON body
+    hold back, stream/collect  output rules and the job's stages (``holdback.py``),
+                               then the job's events or one JSON body
 
 Whatever fails after phase 1 releases the reservation, so nothing refused
 keeps holding a key's concurrency or budget. A ``Job`` is an endpoint's part:
@@ -23,16 +24,17 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
 from spigot.api.detach import stream_response
 from spigot.api.guarding import check_logprobs, output_guard
+from spigot.api.holdback import OutputStage, OutputStages
 from spigot.api.metering import admit, authorize, release, reserve
 from spigot.api.responses import json_response
-from spigot.api.schemas import SamplingRequest
 from spigot.api.state import (
     RequestRecord,
     ServerState,
@@ -41,15 +43,35 @@ from spigot.api.state import (
     new_id,
     parse_body,
 )
-from spigot.api.streaming import ChunkFormat, StreamedRequest, abandon, collect, usage_body
+from spigot.api.streaming import StreamedRequest, abandon, collect, usage_body
 from spigot.api.streams import resume_if_asked
 from spigot.api.unsupported import Unsupported
+from spigot.api.wire_events import EventWriter
 from spigot.engine.protocol import Engine, OutputStream, QueueFull
 from spigot.engine.types import GenOutput, GenRequest
 from spigot.errors import Overloaded
 from spigot.metering import ApiKey
 
-B = TypeVar("B", bound=SamplingRequest)
+
+class GenerationBody(Protocol):
+    """What the pipeline reads of a request body (a pydantic wire model). Chat and legacy
+    completions share ``SamplingRequest``; a Responses body has none of its ``n``, ``stop``
+    or penalties, and only this in common."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def stream(self) -> bool | None: ...
+
+    @property
+    def include_usage(self) -> bool: ...
+
+    def check(self) -> None:
+        """Rules across fields: 400 on a violation."""
+
+
+B = TypeVar("B", bound=GenerationBody)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +107,15 @@ class Job(Protocol):
     def preamble(self) -> Sequence[GenOutput]:
         """Text sent before the model's (an echoed prompt), after ``prepare``."""
 
-    def chunks(self, completion_id: str, created: int, model: str) -> ChunkFormat: ...
+    def output_stages(self, stream: OutputStream) -> Sequence[OutputStage]:
+        """The job's own hold-back stages, after the output rules (tool calls)."""
 
-    def body(
+    def events(
+        self, completion_id: str, created: int, model: str, include_usage: bool
+    ) -> EventWriter:
+        """The wire events of the streamed response."""
+
+    async def body(
         self,
         per_choice: list[list[GenOutput]],
         completion_id: str,
@@ -95,7 +123,8 @@ class Job(Protocol):
         model: str,
         usage: dict[str, Any],
     ) -> dict[str, Any]:
-        """The non-streamed response."""
+        """The non-streamed response (usage recorded); may await, as the Responses API
+        stores the response before answering."""
 
 
 JobFactory = Callable[[B, Engine, JobContext], Job]
@@ -111,7 +140,9 @@ async def serve_generation(
     key = await authorize(request)
     if (resumed := await resume_if_asked(request, state, key)) is not None:
         return resumed
-    body = await parse_body(request, schema, unsupported)
+    # Every GenerationBody is a pydantic model: parse_body's bound, which a Protocol
+    # cannot also say.
+    body = cast(B, await parse_body(request, cast("type[BaseModel]", schema), unsupported))
     body.check()
     engine = state.engine_for(body.model)
     scope = cache_scope(key)
@@ -126,8 +157,9 @@ async def serve_generation(
         guard = output_guard(
             state.guard, state.guard_counters, record.request_id, stream, job.sequences
         )
+        stages = OutputStages([*([guard] if guard else []), *job.output_stages(stream)])
         preamble = job.preamble()
-        fmt = job.chunks(completion_id, created, engine.model_id)
+        writer = job.events(completion_id, created, engine.model_id, body.include_usage)
     except BaseException:
         await abandon(state, stream, record)
         raise
@@ -135,11 +167,9 @@ async def serve_generation(
         streamed = StreamedRequest(
             state=state,
             stream=stream,
-            fmt=fmt,
+            writer=writer,
             record=record,
-            choices=job.sequences,
-            include_usage=body.include_usage,
-            guard=guard,
+            stages=stages,
             preamble=preamble,
         )
         return await stream_response(state.detached, streamed, scope, headers)
@@ -149,13 +179,11 @@ async def serve_generation(
         stream=stream,
         record=record,
         choices=job.sequences,
-        guard=guard,
+        stages=stages,
         preamble=preamble,
     )
-    return json_response(
-        job.body(per_choice, completion_id, created, engine.model_id, usage_body(record)),
-        headers=headers,
-    )
+    reply = await job.body(per_choice, completion_id, created, engine.model_id, usage_body(record))
+    return json_response(reply, headers=headers)
 
 
 async def _start(

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from spigot.api.admin import KeyCreate, KeyUpdate
+from spigot.api.responses_api.wire import ResponsesRequest
 from spigot.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,6 +33,7 @@ REF = "#/components/schemas/{model}"
 REQUEST_BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("post", "/v1/chat/completions"): ChatCompletionRequest,
     ("post", "/v1/completions"): CompletionRequest,
+    ("post", "/v1/responses"): ResponsesRequest,
     ("post", "/tokenize"): TokenizeRequest,
     ("post", "/detokenize"): DetokenizeRequest,
     ("post", "/admin/keys"): KeyCreate,
@@ -39,7 +41,7 @@ REQUEST_BODIES: dict[tuple[str, str], type[BaseModel]] = {
 }
 
 # Routes that stream server-sent events when the body asks for ``"stream": true``.
-STREAMING = {"/v1/chat/completions", "/v1/completions"}
+STREAMING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 # Routes that only ever answer with server-sent events (resuming a detached stream).
 EVENTS_ONLY = {"/v1/streams/{stream_id}"}
 
@@ -131,6 +133,21 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "usage": USAGE,
         }
     ),
+    "Response": _obj(
+        {
+            "id": STRING,
+            "object": {"const": "response"},
+            "created_at": INTEGER,
+            "status": STRING,
+            "model": STRING,
+            "output": ARRAY,
+        },
+        usage=_nullable(OBJECT),
+    ),
+    "ResponseDeleted": _obj(
+        {"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}}
+    ),
+    "ResponseItemList": _obj({"object": {"const": "list"}, "data": ARRAY}),
     "Tokens": _obj(
         {"tokens": {"type": "array", "items": INTEGER}, "count": INTEGER, "max_model_len": INTEGER}
     ),
@@ -168,6 +185,10 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
 RESPONSES: dict[tuple[str, str], tuple[int, str]] = {
     ("post", "/v1/chat/completions"): (200, "ChatCompletion"),
     ("post", "/v1/completions"): (200, "Completion"),
+    ("post", "/v1/responses"): (200, "Response"),
+    ("get", "/v1/responses/{response_id}"): (200, "Response"),
+    ("delete", "/v1/responses/{response_id}"): (200, "ResponseDeleted"),
+    ("get", "/v1/responses/{response_id}/input_items"): (200, "ResponseItemList"),
     ("post", "/tokenize"): (200, "Tokens"),
     ("post", "/detokenize"): (200, "Detokenized"),
     ("get", "/v1/models"): (200, "ModelList"),

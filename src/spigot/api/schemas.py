@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from spigot.engine.types import SamplingParams
+from spigot.api.structured import ResponseFormat, check_constrained_sampling
+from spigot.api.tools import ToolChoice, ToolDefinition, ToolRequest, check_history, tool_request
+from spigot.engine.types import Constraint, SamplingParams
 from spigot.errors import InvalidRequest, UnsupportedParameter
 
 MAX_STOP_SEQUENCES = 4
@@ -44,10 +46,25 @@ class ContentPart(_Wire):
     text: str | None = None
 
 
+class FunctionCall(_Wire):
+    name: str
+    arguments: str
+
+
+class AssistantToolCall(_Wire):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this answers
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
@@ -69,6 +86,10 @@ class ChatMessage(_Wire):
         message: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -150,6 +171,7 @@ class SamplingRequest(_Wire):
         vocab_size: int | None,
         logprobs: int | None,
         choice: int,
+        constraint: Constraint | None = None,
     ) -> SamplingParams:
         seed = None if self.seed is None else self.seed + choice
         return SamplingParams(
@@ -165,6 +187,7 @@ class SamplingRequest(_Wire):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             max_tokens_given=max_tokens_given,
+            constraint=constraint,
             defaulted=frozenset(
                 name for name in ("temperature", "top_p") if getattr(self, name) is None
             ),
@@ -177,9 +200,12 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    # Accepted and without effect here (no tools, no stored completions).
-    metadata: dict[str, str] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Accepted and without effect here (no stored completions).
+    metadata: dict[str, str] | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
@@ -206,6 +232,24 @@ class ChatCompletionRequest(SamplingRequest):
                 "'top_logprobs' is used.",
                 param="top_logprobs",
             )
+        check_history([m.plain() for m in self.messages])
+        tools = self.tool_request()
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        if formatted or (tools is not None and tools.constrained):
+            check_constrained_sampling(ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+        if formatted and tools is not None and tools.choice == "auto":
+            # Free text or a call, where the text must match a schema: two grammars at
+            # once, lazily, which this server does not combine (yet).
+            raise InvalidRequest(
+                "'response_format' cannot be used with 'tool_choice': 'auto'; use "
+                "'required', a named function, or 'none'.",
+                param="response_format",
+            )
+
+    def tool_request(self) -> ToolRequest | None:
+        """The request's tools and how they may be called (400 on a bad field);
+        None without tools."""
+        return tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -196,7 +196,10 @@ def cache_scope(key: ApiKey | None) -> str:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    """``chatcmpl-...``; a prefix that ends in "_" is joined as is (``resp_...``, ``msg_...``:
+    the Responses API's spelling)."""
+    joined = prefix if prefix.endswith("_") else f"{prefix}-"
+    return f"{joined}{uuid.uuid4().hex[:24]}"
 
 
 async def parse_body(

@@ -1,15 +1,15 @@
 """The life of one generation request, shared by chat and legacy completions.
 
-A ``ChunkFormat`` knows one endpoint's wire shapes; everything else is here:
+An ``EventWriter`` knows one endpoint's wire events; everything else is here:
 the order of events, usage accounting, the in-band error event, and the
 ``finally`` that aborts generation and records usage however the request
 ended (normal end, client disconnect, engine error, server shutdown).
 
 Usage is counted from every engine output as it arrives; what the client
-then sees of an output passes through the request's ``OutputGuard`` (when
-the server has a guard policy), which may hold text back, redact it, or end
-a choice with ``content_filter``. TTFT and finish reasons are recorded as the
-client sees them.
+then sees of an output passes through the request's ``OutputStages``
+(``holdback.py``: output rules, which may hold text back, redact it, or end a
+choice with ``content_filter``; tool calls parsed out of the text). TTFT and
+finish reasons are recorded as the client sees them.
 """
 
 from __future__ import annotations
@@ -17,28 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 from starlette.requests import Request
 
-from spigot.api.guarding import OutputGuard
-from spigot.api.sse import DONE, data_event
+from spigot.api.holdback import OutputStages
 from spigot.api.state import RequestRecord, ServerState
+from spigot.api.wire_events import EventWriter
 from spigot.engine.protocol import OutputStream
 from spigot.engine.types import FinishReason, GenOutput
 from spigot.errors import EngineFailure
-
-
-class ChunkFormat(Protocol):
-    def opening(self, choice: int) -> dict[str, Any] | None:
-        """A chunk sent for each choice before any text, or None."""
-
-    def content(self, output: GenOutput) -> dict[str, Any]: ...
-
-    def finish(self, output: GenOutput) -> dict[str, Any]: ...
-
-    def usage(self, usage: dict[str, Any]) -> dict[str, Any]: ...
 
 
 def usage_body(record: RequestRecord) -> dict[str, Any]:
@@ -77,16 +66,14 @@ def _account(record: RequestRecord, output: GenOutput) -> None:
         record.add_usage(output.usage, output.choice_index)
 
 
-def _visible(
-    guard: OutputGuard | None, record: RequestRecord, output: GenOutput
-) -> GenOutput | None:
+def _visible(stages: OutputStages, record: RequestRecord, output: GenOutput) -> GenOutput | None:
     """What the client gets of an output, with TTFT and finish reasons recorded as it sees them."""
-    if guard is not None:
-        shown = guard.apply(output)
+    if stages:
+        shown = stages.apply(output)
         if shown is None:
             return None
         output = shown
-    if output.text:
+    if output.text or output.tool_calls:
         record.mark_first_token()
     if output.finish_reason is not None and output.finish_reason not in (
         FinishReason.ERROR,
@@ -111,17 +98,6 @@ async def abandon(state: ServerState, stream: OutputStream, record: RequestRecor
     await state.finish(record)
 
 
-def _events(fmt: ChunkFormat, output: GenOutput | None) -> Iterator[bytes]:
-    if output is None:
-        return
-    if output.text or output.delta_extra:
-        yield data_event(fmt.content(output))
-    # An aborted choice gets no finish chunk ("abort" is not a wire reason): the
-    # stream ends with an error event instead (shutdown) or nobody is reading.
-    if output.finished and output.finish_reason is not FinishReason.ABORT:
-        yield data_event(fmt.finish(output))
-
-
 class StreamedRequest:
     """One streamed request: its SSE events, and the cleanup that must run however it ends.
 
@@ -135,20 +111,16 @@ class StreamedRequest:
         *,
         state: ServerState,
         stream: OutputStream,
-        fmt: ChunkFormat,
+        writer: EventWriter,
         record: RequestRecord,
-        choices: int,
-        include_usage: bool,
-        guard: OutputGuard | None = None,
+        stages: OutputStages,
         preamble: Sequence[GenOutput] = (),
     ) -> None:
         self._state = state
         self._stream = stream
-        self._fmt = fmt
+        self._writer = writer
         self._record = record
-        self._choices = choices
-        self._include_usage = include_usage
-        self._guard = guard
+        self._stages = stages
         self._preamble = preamble  # text sent before the model's (an echoed prompt)
         self._recorded = False
         self._closed = False
@@ -157,15 +129,13 @@ class StreamedRequest:
         self._checkpoints = Checkpoints(state, record)
 
     async def events(self) -> AsyncGenerator[bytes, None]:
-        fmt, record, stream, guard = self._fmt, self._record, self._stream, self._guard
+        writer, record, stream = self._writer, self._record, self._stream
         interruption = self._interruption
         try:
-            for choice in range(self._choices):
-                opening = fmt.opening(choice)
-                if opening is not None:
-                    yield data_event(opening)
+            for event in writer.opening():
+                yield event
             for output in self._preamble:
-                for event in _events(fmt, _visible(guard, record, output)):
+                for event in self._shown(output):
                     yield event
             async for output in stream:
                 _account(record, output)
@@ -173,28 +143,35 @@ class StreamedRequest:
                 if output.error is not None:
                     record.status = "error"
                     await _abort_and_account(stream, record)
-                    yield data_event(error_body(output.error))
+                    for event in writer.failure(error_body(output.error)):
+                        yield event
                     return
-                for event in _events(fmt, _visible(guard, record, output)):
+                for event in self._shown(output):
                     yield event
             if interruption.error is not None:
                 # Cut short by the server (shutdown): billed first, then told in-band.
                 record.status = "interrupted"
                 self._recorded = True
                 await self._state.finish(record)
-                yield data_event(interruption.error.to_body())
+                for event in writer.failure(interruption.error.to_body()):
+                    yield event
                 return
             # Usage is recorded (and the ledger row committed) before the client can see
-            # [DONE]: a client that saw the end of the stream has always been metered.
+            # the end: a client that saw the end of the stream has always been metered.
             self._recorded = True
             if not await self._state.finish(record):
-                yield data_event(error_body("The usage of this request could not be recorded."))
+                failed = error_body("The usage of this request could not be recorded.")
+                for event in writer.failure(failed):
+                    yield event
                 return
-            if self._include_usage:
-                yield data_event(fmt.usage(usage_body(record)))
-            yield DONE
+            for event in await writer.closing(usage_body(record)):
+                yield event
         finally:
             await self.close()
+
+    def _shown(self, output: GenOutput) -> list[bytes]:
+        shown = _visible(self._stages, self._record, output)
+        return [] if shown is None else self._writer.output(shown)
 
     async def close(self) -> None:
         if self._closed:
@@ -269,7 +246,7 @@ async def collect(
     stream: OutputStream,
     record: RequestRecord,
     choices: int,
-    guard: OutputGuard | None = None,
+    stages: OutputStages,
     preamble: Sequence[GenOutput] = (),
 ) -> list[list[GenOutput]]:
     """All outputs of a non-streamed request as the client may see them, per choice.
@@ -283,7 +260,7 @@ async def collect(
     async def gather() -> list[list[GenOutput]]:
         per_choice: list[list[GenOutput]] = [[] for _ in range(choices)]
         for output in preamble:
-            shown = _visible(guard, record, output)
+            shown = _visible(stages, record, output)
             if shown is not None:
                 per_choice[shown.choice_index].append(shown)
         async for output in stream:
@@ -292,7 +269,7 @@ async def collect(
             if output.error is not None:
                 record.status = "error"
                 raise EngineFailure(output.error)
-            shown = _visible(guard, record, output)
+            shown = _visible(stages, record, output)
             if shown is not None:
                 per_choice[shown.choice_index].append(shown)
         if interruption.error is not None:

@@ -1,9 +1,9 @@
 """OpenAI parameters this server knows but does not honour yet: refused, never ignored.
 
-A client that asks for JSON output (``response_format``) or tool calls and
-gets a 200 with free prose mis-parses it; a 400 naming the parameter tells it
-at once. Each entry says which values are harmless (the parameter's "off"
-values) so that clients which always send them keep working. Parameters not
+A client that asks for something (legacy ``functions``, audio) and gets a 200
+with free prose mis-parses it; a 400 naming the parameter tells it at once.
+Each entry says which values are harmless (the parameter's "off" values) so
+that clients which always send them keep working. Parameters not
 listed and not in the wire model are unknown: accepted and logged
 (``spigot.api.body``).
 """
@@ -35,11 +35,6 @@ def _text_modalities(value: Any, body: Mapping[str, Any]) -> bool:
     return value is None or value == ["text"]
 
 
-def _no_tool_choice(value: Any, body: Mapping[str, Any]) -> bool:
-    # "auto" with no tools to choose from asks for nothing.
-    return value in (None, "none") or (value == "auto" and not body.get("tools"))
-
-
 def _no_function_call(value: Any, body: Mapping[str, Any]) -> bool:
     return value in (None, "none") or (value == "auto" and not body.get("functions"))
 
@@ -49,11 +44,9 @@ def _standard_tier(value: Any, body: Mapping[str, Any]) -> bool:
 
 
 CHAT: dict[str, Unsupported] = {
-    "response_format": Unsupported(_text_format, "structured output"),
-    "tools": Unsupported(_off, "tool calling"),
-    "tool_choice": Unsupported(_no_tool_choice, "tool calling"),
-    "functions": Unsupported(_off, "function calling"),
-    "function_call": Unsupported(_no_function_call, "function calling"),
+    # The legacy forms of tools: send 'tools' and 'tool_choice' instead.
+    "functions": Unsupported(_off, "legacy function calling: use 'tools'"),
+    "function_call": Unsupported(_no_function_call, "legacy function calling: use 'tool_choice'"),
     "audio": Unsupported(_off, "audio output"),
     "modalities": Unsupported(_text_modalities, "output modalities other than text"),
     "prediction": Unsupported(_off, "predicted outputs"),

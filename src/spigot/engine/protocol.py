@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from spigot.engine.types import GenOutput, GenRequest, Prompt
+from spigot.engine.types import Constraint, GenOutput, GenRequest, Prompt
 
 
 class QueueFull(Exception):
@@ -118,9 +118,21 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def prepare_chat(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
-        """A conversation's prompt. CPU work that grows with the input: callers run it
-        off the event loop; safe from any thread. Raises ``PromptError``."""
+    def prepare_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Prompt:
+        """A conversation's prompt: OpenAI chat messages (assistant ``tool_calls``,
+        ``tool`` turns with ``tool_call_id``) and the tools shown to the model
+        (OpenAI tool objects; ``spigot.engine.tool_format``). CPU work that grows with
+        the input: callers run it off the event loop; safe from any thread. Raises
+        ``PromptError``."""
+
+    def prepare_constraint(self, constraint: Constraint) -> None:
+        """Compile ``constraint`` ahead of ``submit`` (CPU work: callers run it off the
+        event loop); raises ``PromptError`` for a grammar this engine cannot enforce,
+        ``Unsupported`` where constrained output is not available at all."""
 
     def prepare_text(self, text: str) -> Prompt:
         """A raw completions prompt (special tokens are parsed: it is model input)."""

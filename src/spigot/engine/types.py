@@ -16,8 +16,28 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     CONTENT_FILTER = "content_filter"
+    TOOL_CALLS = "tool_calls"
     ABORT = "abort"  # client went away; never sent on the wire
     ERROR = "error"  # engine failure; sent as an in-band error event
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """What a sequence's output must match, enforced while it is generated.
+
+    ``grammar`` is an llguidance grammar (``llguidance.LLMatcher.grammar_from_*``):
+    an engine that samples here masks every token the grammar does not allow, so
+    the output always matches. With a ``trigger`` the grammar is lazy: output is
+    free until the trigger string appears, and from the trigger on (the trigger
+    itself included) it must match ``grammar``; a tool call in ``auto`` mode.
+    ``openai`` holds the request fields that say the same in OpenAI's terms
+    (``response_format``, ``tools``, ``tool_choice``), for an engine elsewhere
+    that is sent those instead of the grammar.
+    """
+
+    grammar: str
+    trigger: str | None = None
+    openai: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +60,8 @@ class SamplingParams:
     # Fields the client did not set ("temperature", "top_p"): they hold spigot's
     # default, and an engine elsewhere is not sent them (it applies its own).
     defaulted: frozenset[str] = frozenset()
+    # Structured output or a tool call: tokens outside the grammar are never sampled.
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +92,8 @@ class Prompt:
     messages: tuple[Mapping[str, Any], ...] | None = None
     text: str | None = None
     count_exact: bool = True
+    # The tools shown with ``messages`` (OpenAI tool objects), for an engine elsewhere.
+    tools: tuple[Mapping[str, Any], ...] | None = None
 
     @classmethod
     def of_tokens(cls, token_ids: Sequence[int]) -> Prompt:
@@ -112,6 +136,17 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """Part of a streamed tool call: the first part of a call has its id and name,
+    the later ones carry fragments of its JSON arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 @dataclass(slots=True)
 class GenOutput:
     """What one engine step produced for one sequence.
@@ -131,6 +166,9 @@ class GenOutput:
     # its choice delta (``reasoning_content``) that spigot does not know, passed on.
     chunk_extra: Mapping[str, Any] | None = None
     delta_extra: Mapping[str, Any] | None = None
+    # Tool calls parsed out of the text (``spigot.api.tool_calls``), or sent so by an
+    # engine elsewhere.
+    tool_calls: Sequence[ToolCallDelta] = ()
 
     @property
     def finished(self) -> bool:

@@ -155,6 +155,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             "UPDATE ledger SET usage_source = 'partial' WHERE status = 'interrupted'",
         ),
     ),
+    Migration(
+        4,
+        "stored responses (the Responses API's store and previous_response_id)",
+        sql=(
+            # owner is the key's scope ("key:<id>", or "anonymous" without keys): one key
+            # never reads another's. previous_id has no foreign key: a deleted response
+            # leaves its successors in place (a chain through it is then refused).
+            # input and response are JSON texts, read back whole and never queried into.
+            """CREATE TABLE responses (
+                id TEXT PRIMARY KEY,
+                owner TEXT NOT NULL,
+                previous_id TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                input TEXT NOT NULL,
+                response TEXT NOT NULL
+            )""",
+            "CREATE INDEX responses_owner ON responses (owner, created_at)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -32,7 +32,8 @@ SQLite file (``clear_reservations``) or when admission finds it stale.
 
 The methods live with what they work on: key_store.py (keys), admission.py (admit, reserve),
 settlement.py (checkpoint, release, settle, orphans), ledger.py (ledger rows and reports),
-windows.py (rate windows); Store puts them together on one database.
+windows.py (rate windows), stored_responses.py (the Responses API's stored responses);
+Store puts them together on one database.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from spigot.metering.key_store import UNSET, KeyStore, Unset
 from spigot.metering.ledger import LedgerStore
 from spigot.metering.migrations import migrate
 from spigot.metering.settlement import SettlementStore
+from spigot.metering.stored_responses import ResponseStore
 
 __all__ = ["DEFAULT_STALE_AFTER", "UNSET", "Store", "Unset", "open_store"]
 
@@ -50,8 +52,9 @@ __all__ = ["DEFAULT_STALE_AFTER", "UNSET", "Store", "Unset", "open_store"]
 DEFAULT_STALE_AFTER = 3600.0
 
 
-class Store(KeyStore, AdmissionStore, SettlementStore, LedgerStore):
-    """One database's keys, reservations, rate windows and ledger; migrated on opening."""
+class Store(KeyStore, AdmissionStore, SettlementStore, LedgerStore, ResponseStore):
+    """One database's keys, reservations, rate windows, ledger and stored responses
+    (``stored_responses.py``); migrated on opening."""
 
     def __init__(self, db: Database, *, stale_after: float = DEFAULT_STALE_AFTER) -> None:
         if stale_after <= 0:

@@ -36,6 +36,8 @@ FINISH_REASONS = {
     "stop": FinishReason.STOP,
     "length": FinishReason.LENGTH,
     "content_filter": FinishReason.CONTENT_FILTER,
+    # An upstream's own tool calls ride in ``delta_extra`` (its ``tool_calls`` deltas).
+    "tool_calls": FinishReason.TOOL_CALLS,
 }
 CHUNK_FIELDS = frozenset({"id", "object", "created", "model", "choices", "usage"})
 CHAT_DELTA_FIELDS = frozenset({"role", "content"})

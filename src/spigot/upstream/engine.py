@@ -10,6 +10,7 @@ states the rule); the upstream's usage replaces the estimate when it comes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -19,7 +20,15 @@ from typing import Any
 
 from spigot.engine.protocol import EngineUnavailable, PromptError, Unsupported
 from spigot.engine.stream import RequestStream
-from spigot.engine.types import FinishReason, GenOutput, GenRequest, Prompt, Usage, UsageSource
+from spigot.engine.types import (
+    Constraint,
+    FinishReason,
+    GenOutput,
+    GenRequest,
+    Prompt,
+    Usage,
+    UsageSource,
+)
 from spigot.upstream.config import ModelRoute, Target
 from spigot.upstream.routing import Router
 from spigot.upstream.sequence import Group, SequenceRun
@@ -135,13 +144,22 @@ class UpstreamEngine:
 
     # -- prompts -----------------------------------------------------------------
 
-    def prepare_chat(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
+    def prepare_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Prompt:
         if not messages:
             raise PromptError("'messages' must hold at least one message.")
+        estimate = estimate_chat(messages, self.tokenizer)
+        if tools:
+            # The upstream renders the tools into its prompt: they count as its text.
+            estimate += estimate_text(json.dumps(list(tools)), self.tokenizer)
         return Prompt(
-            token_count=estimate_chat(messages, self.tokenizer),
+            token_count=estimate,
             messages=tuple(messages),
             count_exact=False,
+            tools=tuple(tools) if tools else None,
         )
 
     def prepare_text(self, text: str) -> Prompt:
@@ -152,6 +170,15 @@ class UpstreamEngine:
         if bad is not None:
             raise PromptError(f"Invalid token id {bad}.")
         return Prompt.of_tokens(token_ids)
+
+    def prepare_constraint(self, constraint: Constraint) -> None:
+        # The upstream enforces the format itself (payload.py sends it the
+        # request's OpenAI fields); a grammar alone means nothing to it.
+        if not constraint.openai:
+            raise Unsupported(
+                f"The model '{self.model_id}' is served by another server: it cannot "
+                "enforce this constraint."
+            )
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         raise Unsupported(

@@ -4,6 +4,8 @@ Every choice is its own upstream request (``n`` is never sent). Only what the
 client asked for is forwarded: ``max_tokens`` when it gave one (otherwise the
 upstream applies its own limit), penalties, bias and stops when set, vLLM's
 ``ignore_eos``/``min_tokens`` when set. Streaming with usage is always asked for.
+A constrained request carries its OpenAI fields (``response_format``, ``tools``,
+``tool_choice``: ``Constraint.openai``), for the upstream to enforce.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def body_of(request: GenRequest, model: str) -> dict[str, Any]:
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     body.update(sampling(request.params, chat=prompt.messages is not None))
+    if prompt.tools:
+        body["tools"] = [dict(t) for t in prompt.tools]
+    constraint = request.params.constraint
+    if constraint is not None:
+        body.update(constraint.openai)
+    if prompt.tools and "tool_choice" not in body:
+        # Tools with no constraint of their own: the client chose "none".
+        body["tool_choice"] = "none"
     return body
 
 

@@ -25,7 +25,8 @@ from spigot.engine.llamacpp.prompt_tokens import PromptTokenizer
 from spigot.engine.llamacpp.scheduler import Scheduler, SchedulerConfig
 from spigot.engine.protocol import PromptError, QueueFull
 from spigot.engine.stream import RequestStream
-from spigot.engine.types import GenOutput, GenRequest, Prompt
+from spigot.engine.tool_format import for_template, template_knows_tools
+from spigot.engine.types import Constraint, GenOutput, GenRequest, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +150,46 @@ class LlamaCppEngine:
     def tokenizes_locally(self) -> bool:
         return True
 
-    def prepare_chat(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
+    def prepare_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Prompt:
         """The prompt tokens of a conversation (``PromptError`` from the template).
+
+        Tools and tool turns go to a template that knows tools as they are, to any
+        other in the generic format (``spigot.engine.tool_format``).
 
         Special tokens spelled in the messages are text unless the options
         say otherwise (``PromptTokenizer.chat``). Linear in the input, but
         CPU work that grows with it: callers run it off the event loop. Safe
         from any thread while the engine thread decodes.
         """
+        turns, template_tools = for_template(
+            [_for_template(m) for m in messages],
+            tools,
+            knows_tools=template_knows_tools(self.chat_template.source),
+        )
+        specials = self.options.special_tokens_in_content
+        if template_tools and not specials:
+            # Tools are client input like the messages: their texts stay text.
+            template_tools = self.prompt_tokenizer.escape_value(template_tools)
+
+        def render(escaped: list[dict[str, Any]]) -> str:
+            return self.chat_template.render(escaped, tools=template_tools)
+
         try:
-            tokens = self.prompt_tokenizer.chat(
-                self._render_chat,
-                [_for_template(m) for m in messages],
-                specials_in_content=self.options.special_tokens_in_content,
-            )
+            tokens = self.prompt_tokenizer.chat(render, turns, specials_in_content=specials)
         except ChatTemplateError as exc:
             raise PromptError(str(exc)) from None
         return Prompt.of_tokens(tokens)
 
-    def _render_chat(self, messages: list[dict[str, Any]]) -> str:
-        return self.chat_template.render(messages, add_generation_prompt=True)
+    def prepare_constraint(self, constraint: Constraint) -> None:
+        """Compile the grammar (and, the first time, the model's llguidance tokenizer)
+        off the engine thread; ``PromptError`` with llguidance's reason if refused.
+
+        The engine thread then takes a copy of the compiled matcher per sequence."""
+        self.core.grammars.prepare(constraint)
 
     def prepare_text(self, text: str) -> Prompt:
         return Prompt.of_tokens(self.tokenize_prompt(text))

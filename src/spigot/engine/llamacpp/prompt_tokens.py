@@ -228,6 +228,10 @@ class PromptTokenizer:
         """``text`` with every protected special's text (and the escape) escaped."""
         return self._escape_pattern.sub(self._escape_match, text)
 
+    def escape_value(self, value: Any) -> Any:
+        """Every string in ``value`` (a JSON-like structure: tools) escaped."""
+        return self._escape_value(value)
+
     def _escape_value(self, value: Any) -> Any:
         # Every string a template may write: content, name, and parts.
         if isinstance(value, str):
