@@ -945,7 +945,8 @@ def test_a_non_streamed_client_leaving_is_not_logged_as_a_server_bug(metered: Me
     sock = raw_request(
         server.port,
         "/v1/chat/completions",
-        {"model": MODEL, "messages": story(77), "max_tokens": LONG, "ignore_eos": True},
+        # Far more than LONG: at ~170 tokens/s, LONG could end before the client leaves.
+        {"model": MODEL, "messages": story(77), "max_tokens": 4000, "ignore_eos": True},
         auth(secret),
     )
     try:

@@ -249,13 +249,16 @@ def test_a_content_filter_ending_stays_and_flushes_what_was_held() -> None:
 
 def test_chunk_deltas_are_openais() -> None:
     deltas = [ToolCallDelta(0, "call_a", "f", ""), ToolCallDelta(0, arguments='{"x":')]
+    # The first entry of a call never carries arguments: a client may treat it as the
+    # call's header (the tests' stream reader does), fragments follow at the same index.
     assert tool_call_deltas(deltas) == [
         {
             "index": 0,
             "id": "call_a",
             "type": "function",
-            "function": {"name": "f", "arguments": '{"x":'},
-        }
+            "function": {"name": "f", "arguments": ""},
+        },
+        {"index": 0, "function": {"arguments": '{"x":'}},
     ]
     assert tool_call_deltas([ToolCallDelta(1, arguments="1}")]) == [
         {"index": 1, "function": {"arguments": "1}"}}

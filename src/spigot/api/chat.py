@@ -46,23 +46,29 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 
 
 def tool_call_deltas(deltas: Iterable[ToolCallDelta]) -> list[dict[str, Any]]:
-    """A chunk's ``delta.tool_calls``: one entry per call, as OpenAI sends them (the
-    first of a call with its id, type and name; later ones its arguments only)."""
-    entries: dict[int, dict[str, Any]] = {}
+    """A chunk's ``delta.tool_calls`` as OpenAI sends them: a call's first entry has its
+    id, type, name and ``"arguments": ""``; argument fragments follow in entries of the
+    same index (one per call in a chunk, after its first entry when both are here)."""
+    entries: list[dict[str, Any]] = []
+    fragments: dict[int, dict[str, Any]] = {}
     for d in deltas:
-        entry = entries.get(d.index)
-        if entry is not None:
-            entry["function"]["arguments"] += d.arguments
-        elif d.name is not None:
-            entries[d.index] = {
-                "index": d.index,
-                "id": d.id,
-                "type": "function",
-                "function": {"name": d.name, "arguments": d.arguments},
-            }
-        else:
-            entries[d.index] = {"index": d.index, "function": {"arguments": d.arguments}}
-    return list(entries.values())
+        if d.name is not None:
+            entries.append(
+                {
+                    "index": d.index,
+                    "id": d.id,
+                    "type": "function",
+                    "function": {"name": d.name, "arguments": ""},
+                }
+            )
+        if not d.arguments:
+            continue
+        fragment = fragments.get(d.index)
+        if fragment is None:
+            fragment = fragments[d.index] = {"index": d.index, "function": {"arguments": ""}}
+            entries.append(fragment)
+        fragment["function"]["arguments"] += d.arguments
+    return entries
 
 
 def tool_calls_message(outputs: Iterable[GenOutput]) -> list[dict[str, Any]]:
