@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter
@@ -14,15 +13,14 @@ from spigot.api import unsupported
 from spigot.api.generation import JobContext, Prepared, serve_generation
 from spigot.api.guarding import guard_inputs
 from spigot.api.holdback import OutputStage
+from spigot.api.output_constraint import output_constraint, tool_call_stages
 from spigot.api.schemas import ChatCompletionRequest
 from spigot.api.state import resolve_max_tokens
 from spigot.api.streaming import finish_reason_of, with_extras
-from spigot.api.structured import format_constraint
-from spigot.api.tool_calls import ToolCallStage
-from spigot.api.tools import ToolRequest, tool_constraint
+from spigot.api.tools import ToolRequest
 from spigot.api.wire_events import ChunkEvents
 from spigot.engine.protocol import Engine, OutputStream, PromptError
-from spigot.engine.types import Constraint, GenOutput, GenRequest, TokenLogprob, ToolCallDelta
+from spigot.engine.types import GenOutput, GenRequest, TokenLogprob, ToolCallDelta
 from spigot.errors import InvalidRequest
 
 router = APIRouter()
@@ -158,7 +156,9 @@ class ChatJob:
             prompt = engine.prepare_chat(messages, tools.tools if tools else None)
         except PromptError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
-        constraint = self._constraint()
+        constraint = output_constraint(
+            engine, tools, body.response_format, format_param="response_format"
+        )
         max_tokens, given = resolve_max_tokens(
             engine, prompt, body.requested_max_tokens, param="messages"
         )
@@ -182,45 +182,11 @@ class ChatJob:
         ]
         return Prepared(requests, (prompt.token_count,), max_tokens * self.n)
 
-    def _constraint(self) -> Constraint | None:
-        """The grammar of the tool calls or of ``response_format``, compiled by the
-        engine here, in the prep pool; 400 naming the field it cannot enforce."""
-        body, tools = self._body, self._tools
-        constraint, param = None, "response_format"
-        if tools is not None and tools.constrained:
-            constraint, param = tool_constraint(tools), "tools"
-            if body.response_format is not None and constraint is not None:
-                # Calls are the whole reply: the format would apply to text there is none
-                # of; an engine elsewhere is told both.
-                fmt = format_constraint(body.response_format)
-                extra = fmt.openai if fmt is not None else {}
-                constraint = replace(constraint, openai={**extra, **constraint.openai})
-        elif body.response_format is not None:
-            constraint = format_constraint(body.response_format)
-            if constraint is not None and tools is not None:
-                constraint = replace(constraint, openai={**constraint.openai, **tools.openai()})
-        if constraint is None:
-            return None
-        try:
-            self._engine.prepare_constraint(constraint)
-        except PromptError as exc:
-            raise InvalidRequest(str(exc), param=param) from None
-        return constraint
-
     def preamble(self) -> Sequence[GenOutput]:
         return ()
 
     def output_stages(self, stream: OutputStream) -> Sequence[OutputStage]:
-        tools = self._tools
-        if tools is None or not tools.constrained:
-            return ()  # "none": the reply is text, whatever it spells
-        # An engine that tokenizes here enforced the grammar: arguments can stream.
-        # One elsewhere did not: each call is checked whole before it is sent.
-        return (
-            ToolCallStage(
-                self.sequences, tools.names, stream_arguments=self._engine.tokenizes_locally
-            ),
-        )
+        return tool_call_stages(self._engine, self._tools, self.sequences)
 
     def events(
         self, completion_id: str, created: int, model: str, include_usage: bool

@@ -15,30 +15,26 @@ import asyncio
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 from spigot.api.generation import JobContext, Prepared
 from spigot.api.guarding import guard_inputs
 from spigot.api.holdback import OutputStage
+from spigot.api.output_constraint import output_constraint, tool_call_stages
 from spigot.api.responses_api.events import OutputItems, ResponseEvents, ResponseShape
 from spigot.api.responses_api.items import chat_messages, settings_echo
 from spigot.api.responses_api.wire import ResponsesRequest
 from spigot.api.state import resolve_max_tokens
-from spigot.api.structured import format_constraint
-from spigot.api.tool_calls import ToolCallStage
 from spigot.api.tools import (
     FunctionDefinition,
     ToolDefinition,
     ToolRequest,
     check_history,
-    tool_constraint,
     tool_request,
 )
 from spigot.engine.protocol import Engine, OutputStream, PromptError
-from spigot.engine.protocol import Unsupported as EngineUnsupported
-from spigot.engine.types import Constraint, GenOutput, GenRequest, SamplingParams
-from spigot.errors import InvalidRequest, UnsupportedParameter
+from spigot.engine.types import GenOutput, GenRequest, SamplingParams
+from spigot.errors import InvalidRequest
 from spigot.metering import Store, StoreError
 from spigot.metering.stored_responses import ChainBroken, StoredResponse
 
@@ -148,7 +144,8 @@ class ResponsesJob:
         tools = self._tools
         with flat_tool_params():
             check_history(messages)
-            constraint = self._constraint()
+            text_format = body.text.format if body.text is not None else None
+            constraint = output_constraint(engine, tools, text_format, format_param="text.format")
         try:
             prompt = engine.prepare_chat(messages, tools.tools if tools else None)
         except PromptError as exc:
@@ -190,37 +187,11 @@ class ResponsesJob:
             items += stored.output_items
         return items
 
-    def _constraint(self) -> Constraint | None:
-        """The tool calls' grammar, or ``text.format``'s (as chat: calls are then the
-        whole reply); compiled by the engine here, in the prep pool."""
-        text, tools = self._body.text, self._tools
-        constraint, param = None, "text.format"
-        if tools is not None and tools.constrained:
-            constraint, param = tool_constraint(tools), "tools"
-        elif text is not None and text.format is not None:
-            constraint = format_constraint(text.format)
-            if constraint is not None and tools is not None:
-                constraint = replace(constraint, openai={**constraint.openai, **tools.openai()})
-        if constraint is None:
-            return None
-        try:
-            self._engine.prepare_constraint(constraint)
-        except EngineUnsupported as exc:
-            raise UnsupportedParameter(str(exc), param=param) from None
-        except PromptError as exc:
-            raise InvalidRequest(str(exc), param=param) from None
-        return constraint
-
     def preamble(self) -> Sequence[GenOutput]:
         return ()
 
     def output_stages(self, stream: OutputStream) -> Sequence[OutputStage]:
-        tools = self._tools
-        if tools is None or not tools.constrained:
-            return ()  # "none": the reply is text, whatever it spells
-        # As chat: an engine here enforced the grammar, so arguments can stream.
-        stream_arguments = self._engine.tokenizes_locally
-        return (ToolCallStage(1, tools.names, stream_arguments=stream_arguments),)
+        return tool_call_stages(self._engine, self._tools, self.sequences)
 
     def _shape(self, response_id: str, created: int, model: str) -> ResponseShape:
         return ResponseShape(
