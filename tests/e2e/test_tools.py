@@ -220,7 +220,8 @@ def test_the_sdk_stream_helper_and_parse(client: openai.OpenAI) -> None:
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     policy = tmp_path_factory.mktemp("guard") / "guard.toml"
     policy.write_text(
-        '[[rule]]\nid = "no-secret"\nkind = "phrase"\nphrases = ["SECRETCITY"]\naction = "block"\n',
+        '[[rule]]\nid = "no-secret"\nkind = "phrase"\nphrases = ["SECRETCITY"]\naction = "block"\n'
+        'applies_to = ["output", "input"]\n',
         encoding="utf-8",
     )
     srv = start_server("--parallel", "2", "--no-prefix-cache", "--guard", str(Path(policy)))
@@ -254,3 +255,50 @@ def test_an_output_rule_inside_the_arguments_blocks_them(
             wire, finish = reply.model_dump_json(), reply.choices[0].finish_reason
     assert finish == "content_filter"
     assert "SECRET" not in wire
+
+
+def test_an_input_rule_inside_earlier_call_arguments_refuses_the_request(
+    guarded: RunningServer,
+) -> None:
+    # Arguments of a call in the history are model input like any content: a rule that
+    # would refuse the phrase in a message refuses it there too, on both endpoints.
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"SECRETCITY"}'},
+    }
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    with openai.OpenAI(base_url=guarded.base_url, api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as chat_refusal:
+            client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=8)
+        with pytest.raises(openai.BadRequestError) as responses_refusal:
+            client.responses.create(
+                model=MODEL,
+                input=[
+                    {"role": "user", "content": "Weather?"},
+                    {
+                        "type": "function_call",
+                        "call_id": "call_1",
+                        "name": "get_weather",
+                        "arguments": '{"city":"SECRETCITY"}',
+                    },
+                    {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+                ],
+                max_output_tokens=16,
+                store=False,
+            )
+    for refusal in (chat_refusal.value, responses_refusal.value):
+        assert refusal.code == "content_filter", refusal.body
+        assert "no-secret" in str(refusal.body)
+    # Without the phrase the same conversation is served: the rule, not the shape, refused.
+    clean = json.loads(json.dumps(history))
+    clean[-2]["tool_calls"][0]["function"]["arguments"] = '{"city":"Paris"}'
+    with openai.OpenAI(base_url=guarded.base_url, api_key="unused", max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=clean, tools=TOOLS, max_tokens=8
+        )
+    assert reply.choices[0].finish_reason is not None

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from spigot.api import unsupported
 from spigot.api.generation import JobContext, Prepared, serve_generation
-from spigot.api.guarding import guard_inputs
+from spigot.api.guarding import guard_messages
 from spigot.api.holdback import OutputStage
 from spigot.api.output_constraint import output_constraint, tool_call_stages
 from spigot.api.schemas import ChatCompletionRequest
@@ -142,15 +142,9 @@ class ChatJob:
         body, engine, context = self._body, self._engine, self._context
         state = context.state
         messages = [m.plain() for m in body.messages]
-        contents = guard_inputs(
-            state.guard,
-            state.guard_counters,
-            context.request_id,
-            [m["content"] for m in messages],
-            param="messages",
+        guard_messages(
+            state.guard, state.guard_counters, context.request_id, messages, param="messages"
         )
-        for message, content in zip(messages, contents, strict=True):
-            message["content"] = content
         tools = self._tools
         try:
             prompt = engine.prepare_chat(messages, tools.tools if tools else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from spigot.engine.protocol import OutputStream
 from spigot.engine.types import FinishReason, GenOutput
@@ -65,6 +66,30 @@ def guard_inputs(
             )
         checked.append(result.text)
     return checked
+
+
+def guard_messages(
+    policy: Policy | None,
+    counters: GuardCounters,
+    request_id: str,
+    messages: list[dict[str, Any]],
+    *,
+    param: str,
+) -> None:
+    """Input rules over every text of a conversation the model will read, rewritten in
+    place: each message's content and the arguments of earlier tool calls (a tool
+    call in the history can carry what a rule blocks as well as any content)."""
+    if policy is None or not policy.input:
+        return
+    texts: list[str] = []
+    for message in messages:
+        texts.append(message["content"])
+        texts += [call["function"]["arguments"] for call in message.get("tool_calls") or ()]
+    checked = iter(guard_inputs(policy, counters, request_id, texts, param=param))
+    for message in messages:
+        message["content"] = next(checked)
+        for call in message.get("tool_calls") or ():
+            call["function"]["arguments"] = next(checked)
 
 
 def check_logprobs(policy: Policy | None, requested: bool, *, param: str) -> None:

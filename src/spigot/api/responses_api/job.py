@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from spigot.api.generation import JobContext, Prepared
-from spigot.api.guarding import guard_inputs
+from spigot.api.guarding import guard_messages
 from spigot.api.holdback import OutputStage
 from spigot.api.output_constraint import output_constraint, tool_call_stages
 from spigot.api.responses_api.events import OutputItems, ResponseEvents, ResponseShape
@@ -132,15 +132,9 @@ class ResponsesJob:
         if body.instructions is not None:
             messages.insert(0, {"role": "system", "content": body.instructions})
         state = context.state
-        contents = guard_inputs(
-            state.guard,
-            state.guard_counters,
-            context.request_id,
-            [m["content"] for m in messages],
-            param="input",
+        guard_messages(
+            state.guard, state.guard_counters, context.request_id, messages, param="input"
         )
-        for message, content in zip(messages, contents, strict=True):
-            message["content"] = content
         tools = self._tools
         with flat_tool_params():
             check_history(messages)
