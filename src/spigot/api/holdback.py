@@ -16,7 +16,8 @@ The engine's two stages work on its bytes before any text exists (an engine
 elsewhere applies its own stop strings); the API's run in ``OutputStages``
 order, so output rules see all the model's text, tool-call arguments included,
 before anything is parsed out of it. What a choice holds at any moment is the
-sum of the stages' bounds (docs/api.md, "What is held back").
+sum of the stages' bounds (docs/guard.md for the rules' window, docs/tools.md
+"What is held back" for the parser's).
 """
 
 from __future__ import annotations
