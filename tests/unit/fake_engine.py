@@ -249,13 +249,14 @@ class ScriptedEngine:
         self.prepared.append(prompt)
         return prompt
 
-    def prepare_constraint(self, constraint: Constraint) -> None:
+    def prepare_constraint(self, constraint: Constraint) -> Constraint:
         if constraint.grammar == INVALID_GRAMMAR:
             raise PromptError("The grammar is not valid: scripted refusal")
         if not self.tokenizes_locally and not constraint.openai:
             raise Unsupported(f"The model '{self.model_id}' cannot constrain this output.")
         with self._lock:
             self.constraints.append(constraint)
+        return constraint
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         if not self.tokenizes_locally:

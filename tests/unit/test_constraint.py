@@ -139,6 +139,20 @@ def test_grammars_are_kept_least_recently_used_first_out() -> None:
     assert matcher.consume_token(token_of("b"))
 
 
+def test_a_prepared_constraint_needs_no_compile_however_full_the_cache() -> None:
+    cache, _ = grammars(capacity=1)
+    prepared = cache.prepare(Constraint(regex("a+")))
+    cache.prepare(Constraint(regex("b+")))  # evicts a+ from the cache
+    compiles = cache.compiles
+    sequence = SequenceGrammar(cache, prepared)
+    # The engine thread started from the prepared matcher: nothing was compiled.
+    assert cache.compiles == compiles
+    assert sequence.matcher is not None and sequence.matcher.consume_token(token_of("a"))
+    # A constraint nobody prepared is still compiled where it is needed.
+    SequenceGrammar(cache, Constraint(regex("a+")))
+    assert cache.compiles == compiles + 1
+
+
 def test_each_sequence_gets_its_own_matcher() -> None:
     cache, _ = grammars()
     grammar = regex("ab")

@@ -43,12 +43,11 @@ def output_constraint(
     if constraint is None:
         return None
     try:
-        engine.prepare_constraint(constraint)
+        return engine.prepare_constraint(constraint)
     except Unsupported as exc:
         raise UnsupportedParameter(str(exc), param=param) from None
     except PromptError as exc:
         raise InvalidRequest(str(exc), param=param) from None
-    return constraint
 
 
 def tool_call_stages(

@@ -129,10 +129,11 @@ class Engine(Protocol):
         the input: callers run it off the event loop; safe from any thread. Raises
         ``PromptError``."""
 
-    def prepare_constraint(self, constraint: Constraint) -> None:
+    def prepare_constraint(self, constraint: Constraint) -> Constraint:
         """Compile ``constraint`` ahead of ``submit`` (CPU work: callers run it off the
-        event loop); raises ``PromptError`` for a grammar this engine cannot enforce,
-        ``Unsupported`` where constrained output is not available at all."""
+        event loop) and return what to submit (it may carry the compiled form); raises
+        ``PromptError`` for a grammar this engine cannot enforce, ``Unsupported``
+        where constrained output is not available at all."""
 
     def prepare_text(self, text: str) -> Prompt:
         """A raw completions prompt (special tokens are parsed: it is model input)."""

@@ -38,6 +38,10 @@ class Constraint:
     grammar: str
     trigger: str | None = None
     openai: Mapping[str, Any] = field(default_factory=dict)
+    # The engine's compiled form, set by ``Engine.prepare_constraint`` (opaque to
+    # everyone else): the sequence then starts from it and nothing compiles while
+    # other streams wait on the engine.
+    compiled: object | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

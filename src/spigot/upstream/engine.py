@@ -171,7 +171,7 @@ class UpstreamEngine:
             raise PromptError(f"Invalid token id {bad}.")
         return Prompt.of_tokens(token_ids)
 
-    def prepare_constraint(self, constraint: Constraint) -> None:
+    def prepare_constraint(self, constraint: Constraint) -> Constraint:
         # The upstream enforces the format itself (payload.py sends it the
         # request's OpenAI fields); a grammar alone means nothing to it.
         if not constraint.openai:
@@ -179,6 +179,7 @@ class UpstreamEngine:
                 f"The model '{self.model_id}' is served by another server: it cannot "
                 "enforce this constraint."
             )
+        return constraint
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         raise Unsupported(

@@ -56,6 +56,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -172,11 +173,11 @@ class Grammars:
                 tokenizer = self._tokenizer
         return tokenizer
 
-    def prepare(self, constraint: Constraint) -> None:
-        """Compile ``constraint``'s grammar into the cache; ``PromptError`` if refused."""
+    def prepare(self, constraint: Constraint) -> Constraint:
+        """``constraint`` with its compiled grammar (cached); ``PromptError`` if refused."""
         if constraint.trigger == "":
             raise PromptError("A lazy grammar's trigger must not be empty.")
-        self._template(constraint.grammar)
+        return replace(constraint, compiled=self._template(constraint.grammar))
 
     def matcher(self, grammar: str) -> LLMatcher:
         """A fresh matcher at the grammar's start (``PromptError`` if it does not compile)."""
@@ -278,6 +279,9 @@ class SequenceGrammar:
             self._fail(self.matcher.get_error())
 
     def _new_matcher(self) -> LLMatcher | None:
+        compiled = self._constraint.compiled
+        if isinstance(compiled, LLMatcher):
+            return compiled.deep_copy()  # prepared: nothing to compile here
         try:
             return self._grammars.matcher(self._constraint.grammar)
         except PromptError as exc:

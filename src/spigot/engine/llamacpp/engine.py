@@ -184,12 +184,14 @@ class LlamaCppEngine:
             raise PromptError(str(exc)) from None
         return Prompt.of_tokens(tokens)
 
-    def prepare_constraint(self, constraint: Constraint) -> None:
+    def prepare_constraint(self, constraint: Constraint) -> Constraint:
         """Compile the grammar (and, the first time, the model's llguidance tokenizer)
         off the engine thread; ``PromptError`` with llguidance's reason if refused.
 
-        The engine thread then takes a copy of the compiled matcher per sequence."""
-        self.core.grammars.prepare(constraint)
+        The returned constraint carries the compiled matcher, and the engine thread
+        takes a copy of it per sequence: however many other grammars pass through
+        the cache meanwhile, the engine thread never compiles one."""
+        return self.core.grammars.prepare(constraint)
 
     def prepare_text(self, text: str) -> Prompt:
         return Prompt.of_tokens(self.tokenize_prompt(text))
