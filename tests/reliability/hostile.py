@@ -43,6 +43,7 @@ from tests.reliability.harness import (
 )
 
 CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
 COMPLETIONS = "/v1/completions"
 FLOOD = "<|im_end|>" * 80000  # 781 KiB of special-token text (issue 13, finding 1)
 MB = 2**20
@@ -438,13 +439,62 @@ def keyless_corpus(profile: Profile) -> list[Item]:
                 param=name,
             )
             for name, value in (
-                ("response_format", {"type": "json_object"}),
-                ("response_format", {"type": "sound"}),
-                ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-                ("tool_choice", "required"),
                 ("functions", [{"name": "f", "parameters": {}}]),
                 ("audio", {"voice": "alloy", "format": "wav"}),
                 ("modalities", ["text", "audio"]),
+            )
+        ],
+        # Supported: served when well formed, a 400 naming the field when not.
+        Item(
+            "response_format json_object",
+            "params",
+            post(CHAT, ok_chat(response_format={"type": "json_object"})),
+            200,
+        ),
+        Item(
+            "tools",
+            "params",
+            post(
+                CHAT,
+                ok_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+            ),
+            200,
+        ),
+        Item(
+            "response_format sound",
+            "params",
+            post(CHAT, ok_chat(response_format={"type": "sound"})),
+            400,
+            param="response_format",
+        ),
+        Item(
+            "tool_choice without tools",
+            "params",
+            post(CHAT, ok_chat(tool_choice="required")),
+            400,
+            param="tool_choice",
+        ),
+        *[
+            Item(
+                f"responses: unsupported {name}",
+                "params",
+                post(
+                    RESPONSES,
+                    {
+                        "model": MODEL,
+                        "input": "a",
+                        "max_output_tokens": 16,
+                        "store": False,
+                        name: value,
+                    },
+                ),
+                400,
+                param=param,
+            )
+            for name, value, param in (
+                ("conversation", "conv_1", "conversation"),
+                ("tools", [{"type": "web_search"}], "tools[0].type"),
+                ("background", True, "background"),
             )
         ],
         Item(

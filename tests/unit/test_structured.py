@@ -746,3 +746,16 @@ def test_strict_schemas_are_enforced_exactly(schema: dict[str, Any], seed: int) 
     constraint = format_constraint(fmt(schema))
     assert constraint is not None
     assert_generates_valid(constraint.grammar, schema, tries=3, seed=seed)
+
+
+def test_text_format_with_null_fields_is_a_400_not_a_crash() -> None:
+    # Found by the reliability fuzz: a null name reached the name check (a 500).
+    nulls = {"name": None, "description": None, "schema": None, "strict": None}
+    with pytest.raises(ValidationError) as caught:
+        ResponsesBody.model_validate({"text": {"format": nulls}})  # no type
+    error = validation_error(caught.value)
+    assert error.param == "text.format.type", error.message
+    body = ResponsesBody.model_validate({"text": {"format": {"type": "json_schema", **nulls}}})
+    with pytest.raises(InvalidRequest) as missing:
+        body.text.format.spec()
+    assert missing.value.param == "text.format.name"

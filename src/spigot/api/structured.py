@@ -76,8 +76,11 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-def _valid_name(name: str) -> str:
-    # OpenAI's wording for a bad format or function name.
+def _valid_name(name: str | None) -> str | None:
+    # OpenAI's wording for a bad format or function name. None is text.format's
+    # absent name (``TextFormat.spec`` asks for it where it is required).
+    if name is None:
+        return None
     if len(name) > MAX_NAME_LENGTH:
         raise PydanticCustomError(
             "string_above_max_length",
